@@ -1,0 +1,149 @@
+"""The model directory contract: `manifest.json` beside the ONNX and tokenizer files.
+
+The export step writes it; the server loads only directories whose manifest verifies. This module is
+pure standard library so that the serving install (no torch, no transformers) can import it.
+
+A model directory looks like::
+
+    cross-encoder/
+      manifest.json
+      model.onnx            # the served model (int8 unless quantization was refused)
+      model_fp32.onnx       # optimized fp32 kept beside it (absent for an already-int8 source)
+      tokenizer.json        # fast tokenizer; plus any tokenizer_config.json, vocab.txt, ...
+
+Manifest fields (``FORMAT`` = "twostage-model/1")::
+
+    format, role ("bi-encoder" | "cross-encoder"), task ("embedding" | "rerank"),
+    name, source {kind: hub|checkpoint|onnx|package, id, path, revision},
+    model_file, fp32_file (or null), tokenizer_file,
+    inputs [names], output (name),
+    max_length, dimension (embedding size, or number of labels for a cross-encoder),
+    pooling ("mean"|"cls"|"max"|null), normalize (bool),
+    labels ([names] for cross-encoders), positive_label (index used as the score),
+    quantization {mode, target, per_channel, reduce_range, weight_type} ,
+    opset, onnxruntime_version, tool_versions {..},
+    gate {passed, reference, calibration, pairs, metrics{..}, thresholds{..}},
+    files {relative path: sha256}    # every file in the directory except manifest.json
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+FORMAT = "twostage-model/1"
+MANIFEST_NAME = "manifest.json"
+ROLES = {"bi-encoder": "embedding", "cross-encoder": "rerank"}
+REQUIRED_FIELDS = (
+    "format", "role", "task", "name", "source", "model_file", "tokenizer_file", "inputs", "output",
+    "max_length", "dimension", "quantization", "opset", "onnxruntime_version", "gate", "files",
+)
+
+
+class ManifestError(Exception):
+    """A model directory is missing, incomplete, or does not match its manifest. The message names the file."""
+
+
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as fh:
+        while block := fh.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def hash_directory(directory: Path) -> dict[str, str]:
+    """sha256 of every regular file below `directory` except the manifest, keyed by relative POSIX path."""
+    directory = Path(directory)
+    out: dict[str, str] = {}
+    for path in sorted(directory.rglob("*")):
+        if path.is_file() and path.name != MANIFEST_NAME and not path.name.startswith(".tmp"):
+            out[path.relative_to(directory).as_posix()] = sha256_file(path)
+    return out
+
+
+def write_manifest(directory: Path, manifest: dict[str, Any]) -> Path:
+    """Fill in `files` (checksums of the directory as it is now) and write manifest.json atomically."""
+    directory = Path(directory)
+    manifest = dict(manifest)
+    manifest["format"] = FORMAT
+    manifest["files"] = hash_directory(directory)
+    missing = [f for f in REQUIRED_FIELDS if f not in manifest]
+    if missing:
+        raise ManifestError(f"{directory / MANIFEST_NAME}: refusing to write, missing fields {missing}")
+    target = directory / MANIFEST_NAME
+    tmp = directory / f".tmp-{MANIFEST_NAME}"
+    with open(tmp, "w") as fh:
+        json.dump(manifest, fh, indent=2, sort_keys=True)
+        fh.write("\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, target)
+    return target
+
+
+def read_manifest(directory: Path) -> dict[str, Any]:
+    """Parse manifest.json without verifying checksums."""
+    path = Path(directory) / MANIFEST_NAME
+    if not path.is_file():
+        raise ManifestError(f"{path}: manifest not found (is {directory} a directory made by `twostage export`?)")
+    try:
+        manifest = json.loads(path.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ManifestError(f"{path}: unreadable manifest: {exc}") from exc
+    if not isinstance(manifest, dict):
+        raise ManifestError(f"{path}: manifest is not a JSON object")
+    if manifest.get("format") != FORMAT:
+        raise ManifestError(f"{path}: format is {manifest.get('format')!r}, expected {FORMAT!r}")
+    missing = [f for f in REQUIRED_FIELDS if f not in manifest]
+    if missing:
+        raise ManifestError(f"{path}: missing fields {missing}")
+    if manifest["role"] not in ROLES or ROLES[manifest["role"]] != manifest["task"]:
+        raise ManifestError(f"{path}: role/task {manifest['role']!r}/{manifest['task']!r} not one of {ROLES}")
+    return manifest
+
+
+@dataclass(frozen=True)
+class ModelDir:
+    """A verified model directory."""
+
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def model_path(self) -> Path:
+        return self.path / self.manifest["model_file"]
+
+    @property
+    def tokenizer_path(self) -> Path:
+        return self.path / self.manifest["tokenizer_file"]
+
+
+def verify_model_dir(directory: Path, expected_role: str | None = None) -> ModelDir:
+    """Check manifest.json and the sha256 of every file it lists; raise ManifestError naming the first bad file."""
+    directory = Path(directory)
+    if not directory.is_dir():
+        raise ManifestError(f"{directory}: model directory not found")
+    manifest = read_manifest(directory)
+    if expected_role is not None and manifest["role"] != expected_role:
+        raise ManifestError(
+            f"{directory / MANIFEST_NAME}: role is {manifest['role']!r}, expected {expected_role!r}"
+        )
+    files = manifest["files"]
+    if not isinstance(files, dict) or not files:
+        raise ManifestError(f"{directory / MANIFEST_NAME}: 'files' lists no checksums")
+    for needed in (manifest["model_file"], manifest["tokenizer_file"]):
+        if needed not in files:
+            raise ManifestError(f"{directory / needed}: required file is not covered by the manifest checksums")
+    for rel, expected in sorted(files.items()):
+        path = directory / rel
+        if not path.is_file():
+            raise ManifestError(f"{path}: listed in the manifest but missing")
+        actual = sha256_file(path)
+        if actual != expected:
+            raise ManifestError(f"{path}: sha256 mismatch (manifest {expected[:12]}…, file {actual[:12]}…): "
+                                "the file was modified or truncated after export")
+    return ModelDir(path=directory, manifest=manifest)

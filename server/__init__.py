@@ -1,0 +1,1 @@
+"""twostage serving runtime: config -> model runtime -> batcher -> index -> gRPC service -> app."""

@@ -1,0 +1,200 @@
+"""The one configuration object. Every knob has a default, a help text, and can be set from
+
+1. a config file (`--config FILE`, TOML or JSON, flat keys as below, or grouped in [sections] whose
+   keys are prefixed: `[rerank] max_batch_tokens = 4096` sets `rerank_max_batch_tokens`),
+2. an environment variable `TWOSTAGE_<KEY>` (e.g. `TWOSTAGE_RERANK_MAX_DELAY_MS=5`),
+3. a command-line flag `--<key-with-dashes>`,
+
+later sources overriding earlier ones (flag > environment > file > default).
+"""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import os
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+ENV_PREFIX = "TWOSTAGE_"
+
+
+def knob(default: Any, help: str, *, choices: tuple | None = None) -> Any:
+    meta = {"help": help, "choices": choices}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
+
+
+@dataclass
+class Config:
+    # -- where things are
+    models: str = knob("./models", "model set directory made by `twostage export` (holds bi-encoder/ and cross-encoder/)")
+    index: str = knob("./index", "index directory (usearch HNSW + SQLite document store); created if missing")
+    # -- network
+    host: str = knob("127.0.0.1", "address to listen on (0.0.0.0 or [::] for all interfaces)")
+    port: int = knob(50051, "gRPC port (0 = pick a free port and log it)")
+    metrics_port: int = knob(9464, "Prometheus metrics HTTP port (0 = pick a free port, -1 = off)")
+    max_message_bytes: int = knob(16 * 1024 * 1024, "largest gRPC message received or sent, in bytes")
+    max_concurrent_rpcs: int = knob(256, "RPCs served at once; beyond it new RPCs get RESOURCE_EXHAUSTED")
+    grace_period_s: float = knob(10.0, "on SIGTERM/SIGINT: seconds in-flight requests get to finish")
+    # -- security
+    tls_cert: str = knob("", "PEM server certificate chain (enables TLS with tls_key)")
+    tls_key: str = knob("", "PEM server private key")
+    tls_client_ca: str = knob("", "PEM CA bundle; when set, clients must present a certificate it signed")
+    read_api_keys: list = knob([], "API keys allowed to call Search/Rerank/Embed/Info (comma-separated in env; empty with no write keys = auth off)")
+    write_api_keys: list = knob([], "API keys allowed to call everything, including Upsert/Delete")
+    # -- runtime
+    execution_provider: str = knob("cpu", "ONNX Runtime execution provider", choices=("cpu", "cuda"))
+    intra_op_threads: int = knob(0, "ONNX Runtime intra-op threads per session (0 = number of CPU cores)")
+    # -- batching (one batcher per model)
+    batching: bool = knob(True, "dynamic batching across requests (off: each request's work runs alone)")
+    embed_max_batch_tokens: int = knob(8192, "bi-encoder: most padded tokens in one batch")
+    embed_max_batch_size: int = knob(64, "bi-encoder: most texts in one batch")
+    embed_max_delay_ms: float = knob(2.0, "bi-encoder: longest wait for more work once a batch has started to fill")
+    embed_max_queued_tokens: int = knob(1_000_000, "bi-encoder: queued-token bound; beyond it RESOURCE_EXHAUSTED")
+    rerank_max_batch_tokens: int = knob(4096, "cross-encoder: most padded tokens in one batch")
+    rerank_max_batch_size: int = knob(32, "cross-encoder: most pairs in one batch")
+    rerank_max_delay_ms: float = knob(2.0, "cross-encoder: longest wait for more work once a batch has started to fill")
+    rerank_max_queued_tokens: int = knob(1_000_000, "cross-encoder: queued-token bound; beyond it RESOURCE_EXHAUSTED")
+    # -- index
+    index_metric: str = knob("cos", "vector metric", choices=("cos", "ip", "l2sq"))
+    index_dtype: str = knob("f32", "stored scalar type of the HNSW index", choices=("f32", "f16", "i8"))
+    index_connectivity: int = knob(16, "HNSW connectivity (M)")
+    index_expansion_add: int = knob(128, "HNSW expansion factor at insertion (ef_construction)")
+    index_expansion_search: int = knob(128, "HNSW expansion factor at search (ef); see docs for the recall it gives")
+    index_view: bool = knob(False, "memory-map the saved index read-only (Upsert/Delete refused)")
+    index_save_interval_s: float = knob(30.0, "seconds between snapshots of the HNSW graph (writes are durable in SQLite at once)")
+    # -- request limits
+    max_query_bytes: int = knob(4096, "longest query, UTF-8 bytes")
+    max_text_bytes: int = knob(262_144, "longest document text or title, UTF-8 bytes")
+    max_id_bytes: int = knob(256, "longest document id, UTF-8 bytes")
+    max_rerank_documents: int = knob(1000, "most documents in one Rerank request")
+    max_embed_texts: int = knob(1000, "most texts in one Embed request")
+    max_upsert_documents: int = knob(1000, "most documents (or ids) in one Upsert (or Delete) request")
+    max_top_k: int = knob(1000, "largest Search top_k")
+    max_candidates: int = knob(1000, "largest Search candidates")
+    # -- defaults for fields left at 0
+    default_top_k: int = knob(10, "Search top_k when 0")
+    default_candidates: int = knob(100, "Search candidates when 0")
+    default_chunk_overlap_tokens: int = knob(32, "Rerank chunk_overlap_tokens when 0 (long-document mode)")
+    filter_overfetch: int = knob(4, "with a metadata filter, fetch this many times more candidates per round")
+    # -- logging
+    log_level: str = knob("info", "log level", choices=("debug", "info", "warning", "error"))
+    log_format: str = knob("json", "log format", choices=("json", "text"))
+
+    # ------------------------------------------------------------------ loading
+    @classmethod
+    def from_sources(cls, args: argparse.Namespace | None = None, env: dict[str, str] | None = None,
+                     config_file: str | None = None) -> "Config":
+        """Defaults <- file <- environment <- flags (only flags the user actually gave)."""
+        env = os.environ if env is None else env
+        values: dict[str, Any] = {}
+        config_file = config_file or (getattr(args, "config", None) if args is not None else None)
+        if config_file:
+            values.update(_read_file(Path(config_file)))
+        for f in fields(cls):
+            key = ENV_PREFIX + f.name.upper()
+            if key in env:
+                values[f.name] = env[key]
+        if args is not None:
+            for f in fields(cls):
+                v = getattr(args, f.name, None)
+                if v is not None:
+                    values[f.name] = v
+        cfg = cls()
+        for name, raw in values.items():
+            setattr(cfg, name, _coerce(cls, name, raw))
+        cfg.validate()
+        return cfg
+
+    def validate(self) -> None:
+        problems = []
+        for f in fields(self):
+            choices = f.metadata.get("choices")
+            if choices and getattr(self, f.name) not in choices:
+                problems.append(f"{f.name}={getattr(self, f.name)!r} not one of {choices}")
+        positive = [f.name for f in fields(self) if f.name.startswith(("max_", "embed_max", "rerank_max", "default_"))
+                    or f.name in ("index_connectivity", "index_expansion_add", "index_expansion_search", "filter_overfetch")]
+        for name in positive:
+            if getattr(self, name) <= 0:
+                problems.append(f"{name} must be > 0 (got {getattr(self, name)})")
+        if bool(self.tls_cert) != bool(self.tls_key):
+            problems.append("tls_cert and tls_key must be given together")
+        if self.tls_client_ca and not self.tls_cert:
+            problems.append("tls_client_ca needs tls_cert and tls_key")
+        if problems:
+            raise ValueError("invalid configuration: " + "; ".join(problems))
+
+    def as_dict(self, redact: bool = True) -> dict[str, Any]:
+        d = dataclasses.asdict(self)
+        if redact:
+            for k in ("read_api_keys", "write_api_keys"):
+                d[k] = [f"<{len(d[k])} keys>"] if d[k] else []
+        return d
+
+
+def _read_file(path: Path) -> dict[str, Any]:
+    if not path.is_file():
+        raise ValueError(f"config file not found: {path}")
+    text = path.read_text()
+    if path.suffix == ".json":
+        data = json.loads(text)
+    else:
+        import tomllib
+        data = tomllib.loads(text)
+    flat: dict[str, Any] = {}
+    for k, v in data.items():
+        if isinstance(v, dict):
+            for k2, v2 in v.items():
+                flat[f"{k}_{k2}".replace("-", "_")] = v2
+        else:
+            flat[k.replace("-", "_")] = v
+    known = {f.name for f in fields(Config)}
+    unknown = sorted(set(flat) - known)
+    if unknown:
+        raise ValueError(f"{path}: unknown config keys {unknown}")
+    return flat
+
+
+def _coerce(cls, name: str, raw: Any) -> Any:
+    f = next(f for f in fields(cls) if f.name == name)
+    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    try:
+        if isinstance(default, bool):
+            if isinstance(raw, str):
+                low = raw.strip().lower()
+                if low in ("1", "true", "yes", "on"):
+                    return True
+                if low in ("0", "false", "no", "off"):
+                    return False
+                raise ValueError(raw)
+            return bool(raw)
+        if isinstance(default, list):
+            if isinstance(raw, str):
+                return [p.strip() for p in raw.split(",") if p.strip()]
+            return list(raw)
+        return type(default)(raw)
+    except (TypeError, ValueError) as exc:
+        raise ValueError(f"config {name}: cannot read {raw!r} as {type(default).__name__}") from exc
+
+
+def add_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None = None) -> None:
+    """Add a flag for every knob (or those in `only`), with its default and env variable in the help."""
+    parser.add_argument("--config", default=None, help="config file (TOML or JSON); see docs/configuration.md")
+    for f in fields(Config):
+        if only is not None and f.name not in only:
+            continue
+        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        flag = "--" + f.name.replace("_", "-")
+        env = ENV_PREFIX + f.name.upper()
+        help_text = f"{f.metadata['help']} (default: {default!r}; env {env})"
+        if isinstance(default, bool):
+            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
+        elif isinstance(default, list):
+            parser.add_argument(flag, dest=f.name, default=None, type=lambda s: [p for p in s.split(",") if p],
+                                help=help_text + " comma-separated")
+        else:
+            parser.add_argument(flag, dest=f.name, default=None, type=type(default),
+                                choices=f.metadata.get("choices"), help=help_text)
