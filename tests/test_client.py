@@ -1,0 +1,427 @@
+"""The typed client against an in-process fake servicer (a real gRPC server on a loopback port).
+
+These tests check the client's own behaviour: request building, response conversion, retries on
+UNAVAILABLE only, deadlines, the API-key metadata, TLS, the error type and wait_ready.
+End-to-end tests against the real server live elsewhere.
+"""
+from __future__ import annotations
+
+import asyncio
+import shutil
+import subprocess
+import threading
+from concurrent import futures
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+from google.protobuf import json_format
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+
+from twostage.client import (AsyncClient, Client, Document, RetryPolicy, TwoStageError, to_jsonable)
+from twostage.client.client import RetryPolicy as _RetryPolicy
+from twostage.v1 import twostage_pb2 as pb
+from twostage.v1 import twostage_pb2_grpc as pb_grpc
+
+FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff_s=0.001, max_backoff_s=0.01)
+
+
+@dataclass
+class Seen:
+    """What the fake server saw of one call."""
+    method: str
+    request: object
+    metadata: dict
+    time_remaining: float | None
+
+
+@dataclass
+class FakeTwoStage(pb_grpc.TwoStageServicer):
+    """Returns canned responses; fails the next `unavailable` calls with UNAVAILABLE and the next
+    `invalid` calls with INVALID_ARGUMENT."""
+    unavailable: int = 0
+    invalid: int = 0
+    seen: list = field(default_factory=list)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+
+    def _enter(self, method, request, context):
+        self.seen.append(Seen(method, request, dict(context.invocation_metadata()), context.time_remaining()))
+        with self.lock:
+            if self.unavailable > 0:
+                self.unavailable -= 1
+                context.abort(grpc.StatusCode.UNAVAILABLE, "warming up")
+            if self.invalid > 0:
+                self.invalid -= 1
+                context.abort(grpc.StatusCode.INVALID_ARGUMENT, "top_k: 5000 is above limits.max_top_k (1000)")
+
+    def Search(self, request, context):
+        self._enter("Search", request, context)
+        meta = json_format.ParseDict({"topic": "astronomy", "year": 2020, "tags": ["a", "b"], "w": 0.5},
+                                     pb.Document().metadata)
+        return pb.SearchResponse(
+            hits=[pb.SearchHit(id="ast-1", score=0.9, rerank_score=0.9, retrieval_score=0.7, reranked=True,
+                               retrieval_rank=3,
+                               document=pb.Document(id="ast-1", text="The sky is blue.", title="Sky",
+                                                    metadata=meta)),
+                  pb.SearchHit(id="ast-2", score=0.5, retrieval_score=0.8, retrieval_rank=0)],
+            score_kind=pb.SCORE_KIND_NORMALIZED, candidates=40, reranked=1, filter_exhausted=True,
+            timing=pb.Timing(total_ms=12.5, ann_ms=0.25,
+                             embed=pb.StageTiming(queue_ms=1.0, batches=1, items=1, tokens=7),
+                             rerank=pb.StageTiming(inference_ms=8.0, batches=2, items=40, tokens=900)))
+
+    def Rerank(self, request, context):
+        self._enter("Rerank", request, context)
+        return pb.RerankResponse(
+            results=[pb.RerankResult(index=1, score=2.5, id="b", text="second", chunks=3, best_chunk=2, truncated=True),
+                     pb.RerankResult(index=0, score=-1.0, id="a")],
+            score_kind=pb.SCORE_KIND_RAW, timing=pb.Timing(total_ms=3.0))
+
+    def Embed(self, request, context):
+        self._enter("Embed", request, context)
+        return pb.EmbedResponse(embeddings=[pb.Embedding(values=[float(i), 0.5]) for i, _ in enumerate(request.texts)],
+                                dimension=2, normalized=True)
+
+    def Upsert(self, request, context):
+        self._enter("Upsert", request, context)
+        return pb.UpsertResponse(inserted=len(request.documents) - 1, updated=1, index_size=42)
+
+    def Delete(self, request, context):
+        self._enter("Delete", request, context)
+        return pb.DeleteResponse(deleted=1, not_found=list(request.ids[1:]), index_size=41)
+
+    def Info(self, request, context):
+        self._enter("Info", request, context)
+        return pb.InfoResponse(
+            server_version="9.9.9",
+            bi_encoder=pb.ModelInfo(role="bi-encoder", name="mini", dimension=384, pooling="mean", normalize=True,
+                                    providers=["CPUExecutionProvider"]),
+            cross_encoder=pb.ModelInfo(role="cross-encoder", name="ce", dimension=1, max_length=512),
+            embed_batching=pb.BatchingInfo(enabled=True, max_batch_tokens=8192, max_delay_ms=2.0),
+            rerank_batching=pb.BatchingInfo(enabled=True, max_batch_size=32),
+            index=pb.IndexInfo(size=200, dimension=384, metric="cos", dtype="f32", read_only=False),
+            limits=pb.Limits(max_top_k=1000, max_query_bytes=4096),
+            defaults=pb.Defaults(top_k=10, candidates=100, chunk_overlap_tokens=32))
+
+
+class CountingHealth(health_pb2_grpc.HealthServicer):
+    """NOT_SERVING for the first `not_serving` checks, then SERVING."""
+
+    def __init__(self, not_serving: int):
+        self.not_serving = not_serving
+        self.checks = 0
+
+    def Check(self, request, context):
+        self.checks += 1
+        ok = self.checks > self.not_serving
+        return health_pb2.HealthCheckResponse(
+            status=health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING)
+
+
+def start_server(servicer, health_servicer=None, credentials=None):
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_TwoStageServicer_to_server(servicer, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer or health.HealthServicer(), server)
+    if credentials is None:
+        port = server.add_insecure_port("127.0.0.1:0")
+    else:
+        port = server.add_secure_port("127.0.0.1:0", credentials)
+    server.start()
+    return server, f"127.0.0.1:{port}"
+
+
+@pytest.fixture
+def fake():
+    servicer = FakeTwoStage()
+    server, target = start_server(servicer)
+    servicer.target = target
+    yield servicer
+    server.stop(None)
+
+
+# ------------------------------------------------------------------------------------- conversion
+
+
+def test_search_builds_request_and_converts_response(fake):
+    with Client(fake.target) as client:
+        result = client.search("why is the sky blue", top_k=5, candidates=40, filter={"topic": "astronomy", "n": 3},
+                               rerank_budget_ms=20, raw_scores=True, max_query_tokens=16, max_document_tokens=200,
+                               expansion_search=64)
+    request = fake.seen[0].request
+    assert request.query == "why is the sky blue"
+    assert (request.top_k, request.candidates, request.rerank_budget_ms, request.expansion_search) == (5, 40, 20, 64)
+    assert request.raw_scores and not request.skip_rerank and not request.ids_only
+    assert (request.max_query_tokens, request.max_document_tokens) == (16, 200)
+    assert json_format.MessageToDict(request.filter) == {"topic": "astronomy", "n": 3.0}
+
+    assert result.score_kind == "normalized"
+    assert (result.candidates, result.reranked, result.filter_exhausted) == (40, 1, True)
+    first, second = result.hits
+    assert (first.id, first.reranked, first.retrieval_rank) == ("ast-1", True, 3)
+    assert first.score == pytest.approx(0.9) and first.retrieval_score == pytest.approx(0.7)
+    assert first.document == Document(id="ast-1", text="The sky is blue.", title="Sky",
+                                      metadata={"topic": "astronomy", "year": 2020, "tags": ["a", "b"], "w": 0.5})
+    assert isinstance(first.document.metadata["year"], int)
+    assert second.document is None and not second.reranked
+    assert result.timing.total_ms == 12.5 and result.timing.ann_ms == 0.25
+    assert (result.timing.embed.tokens, result.timing.rerank.items, result.timing.rerank.batches) == (7, 40, 2)
+
+
+def test_search_leaves_unset_fields_at_proto_defaults(fake):
+    with Client(fake.target) as client:
+        client.search("q", skip_rerank=True, ids_only=True)
+    request = fake.seen[0].request
+    assert request.skip_rerank and request.ids_only
+    assert (request.top_k, request.candidates) == (0, 0)
+    assert not request.HasField("filter")
+
+
+def test_rerank_texts_and_ids(fake):
+    with Client(fake.target) as client:
+        results = client.rerank("q", ["first", "second"], top_n=2, return_documents=True, truncate=False,
+                                chunk_long_documents=True, chunk_overlap_tokens=16)
+        client.rerank("q", document_ids=["a", "b"], raw_scores=True)
+    by_text, by_ids = fake.seen[0].request, fake.seen[1].request
+    assert list(by_text.texts) == ["first", "second"] and not by_text.document_ids
+    assert by_text.truncation == pb.TRUNCATION_NONE and by_text.top_n == 2 and by_text.return_documents
+    assert by_text.chunk_long_documents and by_text.chunk_overlap_tokens == 16
+    assert list(by_ids.document_ids) == ["a", "b"] and not by_ids.texts
+    assert by_ids.truncation == pb.TRUNCATION_END and by_ids.raw_scores
+    assert results.score_kind == "raw"
+    assert [(r.index, r.id) for r in results.results] == [(1, "b"), (0, "a")]
+    assert (results.results[0].chunks, results.results[0].best_chunk, results.results[0].truncated) == (3, 2, True)
+
+
+def test_rerank_refuses_a_bare_string():
+    with pytest.raises(TypeError, match="texts and document_ids must be lists"):
+        Client("127.0.0.1:1").rerank("q", "just one string")
+
+
+def test_embed_upsert_delete_info(fake):
+    with Client(fake.target) as client:
+        embedded = client.embed(["a", "b", "c"])
+        upserted = client.upsert([
+            {"_id": "d1", "text": "one", "title": "T", "metadata": {"topic": "x"}},
+            Document(id="d2", text="two", embedding=(0.25, 0.5)),
+        ])
+        deleted = client.delete(["d1", "zz"])
+        info = client.info()
+    assert embedded.embeddings == ((0.0, 0.5), (1.0, 0.5), (2.0, 0.5)) and embedded.dimension == 2
+    assert embedded.normalized
+    docs = fake.seen[1].request.documents
+    assert [d.id for d in docs] == ["d1", "d2"]
+    assert json_format.MessageToDict(docs[0].metadata) == {"topic": "x"} and docs[0].title == "T"
+    assert list(docs[1].embedding) == [0.25, 0.5] and not docs[1].HasField("metadata")
+    assert (upserted.inserted, upserted.updated, upserted.index_size) == (1, 1, 42)
+    assert (deleted.deleted, deleted.not_found, deleted.index_size) == (1, ("zz",), 41)
+    assert info.server_version == "9.9.9"
+    assert info.bi_encoder.providers == ("CPUExecutionProvider",) and info.bi_encoder.dimension == 384
+    assert info.cross_encoder.max_length == 512 and info.defaults.candidates == 100
+    assert info.index.size == 200 and info.limits.max_top_k == 1000 and info.embed_batching.max_delay_ms == 2.0
+    assert to_jsonable(info)["defaults"] == {"top_k": 10, "candidates": 100, "chunk_overlap_tokens": 32}
+
+
+def test_upsert_rejects_unknown_document_keys():
+    with pytest.raises(ValueError, match=r"unknown keys \['body'\]"):
+        Client("127.0.0.1:1").upsert([{"id": "x", "body": "oops"}])
+
+
+# --------------------------------------------------------------------------- retries and errors
+
+
+def test_retries_unavailable_then_succeeds(fake):
+    fake.unavailable = 2
+    with Client(fake.target, retry=FAST_RETRY) as client:
+        result = client.search("q")
+    assert len(fake.seen) == 3 and result.hits[0].id == "ast-1"
+
+
+def test_gives_up_after_max_attempts(fake):
+    fake.unavailable = 10
+    with Client(fake.target, retry=FAST_RETRY) as client:
+        with pytest.raises(TwoStageError) as caught:
+            client.info()
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE and caught.value.message == "warming up"
+    assert len(fake.seen) == 3
+
+
+def test_max_attempts_shortcut_overrides_policy(fake):
+    fake.unavailable = 10
+    with Client(fake.target, retry=FAST_RETRY, max_attempts=1) as client:
+        with pytest.raises(TwoStageError):
+            client.info()
+    assert len(fake.seen) == 1
+
+
+def test_invalid_argument_is_not_retried(fake):
+    fake.invalid = 1
+    with Client(fake.target, retry=FAST_RETRY) as client:
+        with pytest.raises(TwoStageError) as caught:
+            client.search("q", top_k=5000)
+        assert client.search("q").hits  # the next call goes through
+    assert caught.value.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert "limits.max_top_k" in caught.value.message and "INVALID_ARGUMENT" in str(caught.value)
+    assert len(fake.seen) == 2
+
+
+def test_unreachable_server_raises_unavailable():
+    with socket_closed_port() as target, Client(target, retry=FAST_RETRY, timeout=5) as client:
+        with pytest.raises(TwoStageError) as caught:
+            client.info()
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+
+
+def test_deadline_is_sent_default_and_per_call(fake):
+    with Client(fake.target, timeout=30) as client:
+        client.info()
+        client.info(timeout=5)
+    default_remaining, per_call_remaining = (s.time_remaining for s in fake.seen)
+    assert 5.5 < default_remaining <= 30.5  # gRPC rounds deadlines up slightly
+    assert 0 < per_call_remaining <= 5.5
+
+
+def test_api_key_is_sent_as_bearer_metadata(fake):
+    with Client(fake.target, api_key="s3cret") as client:
+        client.info()
+    with Client(fake.target) as client:
+        client.info()
+    assert fake.seen[0].metadata["authorization"] == "Bearer s3cret"
+    assert "authorization" not in fake.seen[1].metadata
+
+
+def test_backoff_is_bounded_and_grows():
+    policy = _RetryPolicy(max_attempts=5, initial_backoff_s=0.1, max_backoff_s=0.3, multiplier=2.0)
+    draws = {attempt: [policy.backoff_s(attempt) for _ in range(300)] for attempt in (1, 2, 3, 4)}
+    assert all(0 <= d <= 0.1 for d in draws[1])
+    assert all(0 <= d <= 0.2 for d in draws[2])
+    assert all(0 <= d <= 0.3 for d in draws[3] + draws[4])
+    assert max(draws[2]) > 0.1  # jitter spans the larger window
+    with pytest.raises(ValueError, match="max_attempts"):
+        _RetryPolicy(max_attempts=0)
+
+
+def test_invalid_client_options():
+    with pytest.raises(ValueError, match="together"):
+        Client("127.0.0.1:1", client_cert=b"x")
+    with pytest.raises(ValueError, match="timeout"):
+        Client("127.0.0.1:1", timeout=0)
+    with pytest.raises(ValueError, match="root_certs: cannot read"):
+        Client("127.0.0.1:1", root_certs="/nonexistent/ca.pem")
+
+
+# ----------------------------------------------------------------------------------- wait_ready
+
+
+def test_wait_ready_polls_health_until_serving():
+    health_servicer = CountingHealth(not_serving=2)
+    server, target = start_server(FakeTwoStage(), health_servicer)
+    try:
+        with Client(target) as client:
+            client.wait_ready(timeout=30)
+    finally:
+        server.stop(None)
+    assert health_servicer.checks == 3
+
+
+def test_wait_ready_times_out_naming_the_state():
+    server, target = start_server(FakeTwoStage(), CountingHealth(not_serving=10**9))
+    try:
+        with Client(target) as client:
+            with pytest.raises(TwoStageError) as caught:
+                client.wait_ready(timeout=0.5)
+    finally:
+        server.stop(None)
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert "NOT_SERVING" in caught.value.message and target in caught.value.message
+
+
+# ---------------------------------------------------------------------------------------- async
+
+
+def test_async_client_converts_retries_and_raises(fake):
+    async def scenario():
+        async with AsyncClient(fake.target, retry=FAST_RETRY, api_key="k") as client:
+            await client.wait_ready(timeout=10)
+            fake.unavailable = 2
+            result = await client.search("q", top_k=3)
+            reranked = await client.rerank("q", ["x", "y"])
+            fake.invalid = 1
+            with pytest.raises(TwoStageError) as caught:
+                await client.embed(["a"])
+            embedded = await client.embed(["a"])
+            upserted = await client.upsert([{"id": "a", "text": "t"}, {"id": "b", "text": "u"}])
+            deleted = await client.delete(["a"])
+            info = await client.info(timeout=4)
+            return result, reranked, caught.value, embedded, upserted, deleted, info
+
+    result, reranked, error, embedded, upserted, deleted, info = asyncio.run(scenario())
+    assert result.hits[0].document.metadata["tags"] == ["a", "b"]
+    assert [s.method for s in fake.seen[:3]] == ["Search"] * 3
+    assert reranked.results[0].index == 1
+    assert error.code == grpc.StatusCode.INVALID_ARGUMENT
+    assert embedded.embeddings == ((0.0, 0.5),)
+    assert (upserted.inserted, deleted.deleted, info.server_version) == (1, 1, "9.9.9")
+    assert all(s.metadata["authorization"] == "Bearer k" for s in fake.seen)
+    assert 0 < fake.seen[-1].time_remaining <= 4.5
+
+
+# ------------------------------------------------------------------------------------------ TLS
+
+
+@pytest.fixture(scope="module")
+def pki(tmp_path_factory):
+    """A CA, a server certificate for the name twostage.test, and a client certificate (openssl CLI)."""
+    if shutil.which("openssl") is None:
+        pytest.skip("openssl command not found")
+    d = tmp_path_factory.mktemp("pki")
+
+    def run(*args):
+        subprocess.run(["openssl", *args], cwd=d, check=True, capture_output=True)
+
+    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", "ca.key", "-out", "ca.pem", "-days", "2",
+        "-subj", "/CN=test-ca")
+    for name, cn in (("server", "twostage.test"), ("client", "test-client")):
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", f"{name}.key", "-out", f"{name}.csr",
+            "-subj", f"/CN={cn}")
+        (d / f"{name}.ext").write_text(f"subjectAltName=DNS:{cn}\n")
+        run("x509", "-req", "-in", f"{name}.csr", "-CA", "ca.pem", "-CAkey", "ca.key", "-CAcreateserial",
+            "-out", f"{name}.pem", "-days", "2", "-extfile", f"{name}.ext")
+    return d
+
+
+def test_tls_with_server_name_override_and_mutual_tls(pki: Path):
+    creds = grpc.ssl_server_credentials([((pki / "server.key").read_bytes(), (pki / "server.pem").read_bytes())],
+                                        root_certificates=(pki / "ca.pem").read_bytes(),
+                                        require_client_auth=True)
+    servicer = FakeTwoStage()
+    server, target = start_server(servicer, credentials=creds)
+    try:
+        with Client(target, root_certs=pki / "ca.pem", client_cert=pki / "client.pem",
+                    client_key=(pki / "client.key").read_bytes(), server_name="twostage.test") as client:
+            assert client.info().server_version == "9.9.9"
+        # Without a client certificate the handshake is refused.
+        with Client(target, root_certs=pki / "ca.pem", server_name="twostage.test", max_attempts=1,
+                    timeout=5) as client:
+            with pytest.raises(TwoStageError) as caught:
+                client.info()
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        server.stop(None)
+    assert len(servicer.seen) == 1
+
+
+# -------------------------------------------------------------------------------------- helpers
+
+
+class socket_closed_port:
+    """A loopback target nobody listens on."""
+
+    def __enter__(self) -> str:
+        import socket
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+        return f"127.0.0.1:{port}"
+
+    def __exit__(self, *exc):
+        return False
