@@ -1,0 +1,273 @@
+"""App wiring: config -> models -> batchers -> index -> engine -> gRPC server with health, reflection,
+metrics, structured logs and graceful shutdown.
+
+Start-up order: the gRPC port opens first with health NOT_SERVING (RPCs answer UNAVAILABLE), then models
+and index load off the event loop, then health turns SERVING. On SIGTERM/SIGINT: health NOT_SERVING, new
+RPCs are refused with UNAVAILABLE, in-flight ones get `grace_period_s` to finish, the index is saved.
+"""
+from __future__ import annotations
+
+import asyncio
+import json
+import logging
+import signal
+import sys
+import time
+from dataclasses import dataclass
+from importlib import metadata
+from pathlib import Path
+from typing import Any
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from twostage.server.batcher import Batcher
+from twostage.server.config import Config
+from twostage.server.engine import Engine
+from twostage.server.index import DocumentIndex, IndexSettings
+from twostage.server.metrics import Metrics
+from twostage.server.runtime import load_model_set
+from twostage.server.service import TwoStageService
+from twostage.v1 import twostage_pb2 as pb
+from twostage.v1 import twostage_pb2_grpc as pb_grpc
+
+log = logging.getLogger("twostage.app")
+SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TwoStage"].full_name
+
+
+def server_version() -> str:
+    try:
+        return metadata.version("twostage")
+    except metadata.PackageNotFoundError:
+        return "0+unknown"
+
+
+class JsonFormatter(logging.Formatter):
+    """One JSON object per line: time, level, logger, message and any `extra` fields."""
+
+    _skip = set(logging.LogRecord("", 0, "", 0, "", (), None).__dict__) | {"message", "asctime"}
+
+    def format(self, record: logging.LogRecord) -> str:
+        out = {"ts": round(record.created, 3), "level": record.levelname.lower(), "logger": record.name,
+               "msg": record.getMessage()}
+        out.update({k: v for k, v in record.__dict__.items() if k not in self._skip})
+        if record.exc_info:
+            out["exc"] = self.formatException(record.exc_info)
+        return json.dumps(out, default=str)
+
+
+def setup_logging(config: Config) -> None:
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonFormatter() if config.log_format == "json"
+                         else logging.Formatter("%(asctime)s %(levelname)s %(name)s %(message)s"))
+    root = logging.getLogger("twostage")
+    root.handlers[:] = [handler]
+    root.setLevel(config.log_level.upper())
+    root.propagate = False
+
+
+def build_info(config: Config, engine: Engine) -> pb.InfoResponse:
+    def model_info(role: str, model: Any) -> pb.ModelInfo:
+        m = model.manifest
+        src = m.get("source", {})
+        source = f"{src.get('kind', '?')}:{src.get('id') or src.get('path') or ''}"
+        quant = m.get("quantization", {}) or {}
+        qdesc = "none" if quant.get("mode", "none") == "none" else "-".join(
+            str(p) for p in (quant.get("mode"), quant.get("target")) if p)
+        return pb.ModelInfo(role=role, name=str(m.get("name", "")), source=source,
+                            revision=str(src.get("revision", "")), max_length=int(model.max_length),
+                            dimension=int(model.dimension), pooling=str(m.get("pooling") or ""),
+                            normalize=bool(m.get("normalize", False)), quantization=qdesc,
+                            sha256=str(m["files"].get(m["model_file"], "")), providers=list(model.providers))
+
+    def batching(prefix: str) -> pb.BatchingInfo:
+        return pb.BatchingInfo(enabled=config.batching, max_batch_tokens=getattr(config, f"{prefix}_max_batch_tokens"),
+                               max_batch_size=getattr(config, f"{prefix}_max_batch_size"),
+                               max_delay_ms=getattr(config, f"{prefix}_max_delay_ms"),
+                               max_queued_tokens=getattr(config, f"{prefix}_max_queued_tokens"))
+
+    s = engine.index.settings
+    return pb.InfoResponse(
+        server_version=server_version(),
+        bi_encoder=model_info("bi-encoder", engine.embedder),
+        cross_encoder=model_info("cross-encoder", engine.reranker),
+        embed_batching=batching("embed"), rerank_batching=batching("rerank"),
+        index=pb.IndexInfo(size=engine.index.size, dimension=engine.index.dimension, metric=s.metric, dtype=s.dtype,
+                           connectivity=s.connectivity, expansion_add=s.expansion_add,
+                           expansion_search=s.expansion_search, read_only=s.view),
+        limits=pb.Limits(max_query_bytes=config.max_query_bytes, max_text_bytes=config.max_text_bytes,
+                         max_id_bytes=config.max_id_bytes, max_rerank_documents=config.max_rerank_documents,
+                         max_embed_texts=config.max_embed_texts, max_upsert_documents=config.max_upsert_documents,
+                         max_top_k=config.max_top_k, max_candidates=config.max_candidates,
+                         max_message_bytes=config.max_message_bytes, max_concurrent_rpcs=config.max_concurrent_rpcs),
+        defaults=pb.Defaults(top_k=config.default_top_k, candidates=config.default_candidates,
+                             chunk_overlap_tokens=config.default_chunk_overlap_tokens),
+    )
+
+
+def load_engine(config: Config, metrics: Metrics | None) -> Engine:
+    """Blocking: verify and load both models, open the index, make the batchers (not yet started)."""
+    embedder, reranker = load_model_set(Path(config.models), config)
+    index = DocumentIndex.open(Path(config.index), embedder.dimension, IndexSettings.from_config(config))
+
+    def batcher(name: str, model: Any, prefix: str) -> Batcher:
+        return Batcher(name, model.run_batch,
+                       max_batch_tokens=getattr(config, f"{prefix}_max_batch_tokens"),
+                       max_batch_size=getattr(config, f"{prefix}_max_batch_size"),
+                       max_delay_ms=getattr(config, f"{prefix}_max_delay_ms"),
+                       max_queued_tokens=getattr(config, f"{prefix}_max_queued_tokens"),
+                       enabled=config.batching, metrics=metrics)
+
+    return Engine(config, embedder, reranker, index,
+                  embed_batcher=batcher("bi-encoder", embedder, "embed"),
+                  rerank_batcher=batcher("cross-encoder", reranker, "rerank"))
+
+
+def _credentials(config: Config) -> grpc.ServerCredentials | None:
+    if not config.tls_cert:
+        return None
+    key = Path(config.tls_key).read_bytes()
+    cert = Path(config.tls_cert).read_bytes()
+    ca = Path(config.tls_client_ca).read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials([(key, cert)], root_certificates=ca, require_client_auth=ca is not None)
+
+
+@dataclass
+class RunningServer:
+    """A started server. `stop()` drains and closes it."""
+
+    config: Config
+    server: grpc.aio.Server
+    port: int
+    metrics_port: int
+    health: health.aio.HealthServicer
+    service: TwoStageService
+    metrics: Metrics
+    _loading: asyncio.Task | None = None
+    _saver: asyncio.Task | None = None
+    _stopped: bool = False
+
+    @property
+    def target(self) -> str:
+        host = self.config.host if self.config.host not in ("0.0.0.0", "[::]", "::") else "127.0.0.1"
+        return f"{host}:{self.port}"
+
+    @property
+    def engine(self) -> Engine | None:
+        return self.service.engine
+
+    async def wait_loaded(self) -> Engine:
+        """Wait for models and index; re-raises a loading failure."""
+        assert self._loading is not None
+        await self._loading
+        assert self.service.engine is not None
+        return self.service.engine
+
+    async def stop(self, grace: float | None = None) -> None:
+        if self._stopped:
+            return
+        self._stopped = True
+        grace = self.config.grace_period_s if grace is None else grace
+        log.info("shutting down", extra={"grace_s": grace})
+        await self.health.enter_graceful_shutdown()
+        if self._saver is not None:
+            self._saver.cancel()
+        if self._loading is not None and not self._loading.done():
+            self._loading.cancel()
+        await self.server.stop(grace)
+        engine = self.service.engine
+        if engine is not None:
+            await engine.embed_batcher.stop(drain_timeout=1.0)
+            await engine.rerank_batcher.stop(drain_timeout=1.0)
+            await asyncio.to_thread(engine.index.close)
+        self.metrics.close()
+        log.info("stopped")
+
+
+async def start_server(config: Config) -> RunningServer:
+    """Open the port (health NOT_SERVING), then load models and index in the background."""
+    metrics = Metrics()
+    options = [
+        ("grpc.max_receive_message_length", config.max_message_bytes),
+        ("grpc.max_send_message_length", config.max_message_bytes),
+        ("grpc.so_reuseport", 0),
+    ]
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+    health_servicer = health.aio.HealthServicer()
+    service = TwoStageService(info=lambda: build_info(config, service.engine), metrics=metrics)
+    pb_grpc.add_TwoStageServicer_to_server(service, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
+    reflection.enable_server_reflection(
+        (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME), server)
+    for name in ("", SERVICE_NAME):
+        await health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    address = f"{config.host}:{config.port}"
+    creds = _credentials(config)
+    port = server.add_secure_port(address, creds) if creds else server.add_insecure_port(address)
+    if port == 0:
+        raise OSError(f"could not bind {address}")
+    await server.start()
+    metrics_port = metrics.serve(config.metrics_port, config.host if config.host not in ("[::]", "::") else "0.0.0.0") \
+        if config.metrics_port >= 0 else -1
+    log.info("listening", extra={"address": f"{config.host}:{port}", "metrics_port": metrics_port,
+                                 "tls": creds is not None, "config": config.as_dict()})
+
+    rs = RunningServer(config=config, server=server, port=port, metrics_port=metrics_port, health=health_servicer,
+                       service=service, metrics=metrics)
+
+    async def load() -> None:
+        t0 = time.perf_counter()
+        engine = await asyncio.to_thread(load_engine, config, metrics)
+        engine.embed_batcher.start()
+        engine.rerank_batcher.start()
+        service.engine = engine
+        metrics.index_size.set(engine.index.size)
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
+        log.info("serving", extra={"load_s": round(time.perf_counter() - t0, 2), "index_size": engine.index.size,
+                                   "bi_encoder": engine.embedder.name, "cross_encoder": engine.reranker.name})
+        rs._saver = asyncio.create_task(_save_periodically(engine, config.index_save_interval_s))
+
+    rs._loading = asyncio.create_task(load())
+    return rs
+
+
+async def _save_periodically(engine: Engine, interval_s: float) -> None:
+    while True:
+        await asyncio.sleep(max(1.0, interval_s / 4))
+        try:
+            await asyncio.to_thread(engine.index.maybe_save, interval_s)
+        except Exception:  # keep serving; the store is durable, the snapshot is an optimisation
+            log.exception("index snapshot failed")
+
+
+async def serve_forever(config: Config) -> int:
+    """Run until SIGTERM/SIGINT. Returns the process exit code (non-zero when loading failed)."""
+    rs = await start_server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    waiter = asyncio.create_task(stop.wait())
+    done, _ = await asyncio.wait({rs._loading, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if rs._loading in done and rs._loading.exception() is not None:
+        exc = rs._loading.exception()
+        log.error("startup failed: %s", exc, extra={"error": str(exc)})
+        print(f"twostage serve: startup failed: {exc}", file=sys.stderr)
+        await rs.stop(grace=0)
+        return 2
+    await waiter
+    await rs.stop()
+    return 0
+
+
+async def serve_in_background(config: Config) -> RunningServer:
+    """Start and wait until SERVING (for the demo and tests)."""
+    rs = await start_server(config)
+    try:
+        await rs.wait_loaded()
+    except BaseException:
+        await rs.stop(grace=0)
+        raise
+    return rs

@@ -1,0 +1,419 @@
+"""The domain layer: Search, Rerank, Embed, Upsert and Delete on top of the models, batchers and index.
+
+Knows nothing of gRPC: takes plain values, returns dataclasses, raises `twostage.server.errors`.
+Every request is validated here, before any work is queued.
+"""
+from __future__ import annotations
+
+import asyncio
+import math
+import time
+from dataclasses import dataclass, field
+from typing import Any, Sequence
+
+import numpy as np
+
+from twostage.export.postprocess import normalized_scores, raw_scores
+from twostage.server import tokenization
+from twostage.server.batcher import Batcher
+from twostage.server.config import Config
+from twostage.server.errors import FailedPrecondition, InvalidArgument, NotFound
+from twostage.server.index import DocumentIndex, StoredDoc, embedding_text
+
+
+# ----------------------------------------------------------------------------------------- results
+@dataclass
+class StageTiming:
+    queue_ms: float = 0.0
+    tokenize_ms: float = 0.0
+    inference_ms: float = 0.0
+    batches: int = 0
+    items: int = 0
+    tokens: int = 0
+
+    def add(self, stats: Any) -> None:
+        """Fold in a batcher result's stats (several submits per stage under a latency budget)."""
+        if self.batches == 0:
+            self.queue_ms = stats.queue_ms
+        self.inference_ms += stats.inference_ms
+        self.batches += stats.batches
+        self.items += stats.items
+        self.tokens += stats.tokens
+
+
+@dataclass
+class Timing:
+    started: float = field(default_factory=time.perf_counter)
+    embed: StageTiming = field(default_factory=StageTiming)
+    rerank: StageTiming = field(default_factory=StageTiming)
+    ann_ms: float = 0.0
+    store_ms: float = 0.0
+    total_ms: float = 0.0
+
+    def finish(self) -> "Timing":
+        self.total_ms = (time.perf_counter() - self.started) * 1000.0
+        return self
+
+
+@dataclass
+class Hit:
+    id: str
+    score: float
+    rerank_score: float
+    retrieval_score: float
+    reranked: bool
+    retrieval_rank: int
+    document: StoredDoc | None
+
+
+@dataclass
+class SearchOutcome:
+    hits: list[Hit]
+    score_kind: str  # "normalized" | "raw" | "similarity"
+    candidates: int
+    reranked: int
+    filter_exhausted: bool
+    timing: Timing
+
+
+@dataclass
+class RerankItem:
+    index: int
+    score: float
+    id: str
+    text: str
+    chunks: int
+    best_chunk: int
+    truncated: bool
+
+
+@dataclass
+class RerankOutcome:
+    results: list[RerankItem]
+    score_kind: str
+    timing: Timing
+
+
+@dataclass
+class EmbedOutcome:
+    vectors: np.ndarray
+    normalized: bool
+    timing: Timing
+
+
+@dataclass
+class WriteOutcome:
+    inserted: int = 0
+    updated: int = 0
+    deleted: int = 0
+    not_found: list[str] = field(default_factory=list)
+    index_size: int = 0
+    timing: Timing = field(default_factory=Timing)
+
+
+@dataclass
+class DocumentInput:
+    id: str
+    text: str
+    title: str = ""
+    metadata: dict[str, Any] = field(default_factory=dict)
+    embedding: Sequence[float] = ()
+
+
+# -------------------------------------------------------------------------------------- validation
+def _utf8_len(s: str) -> int:
+    return len(s.encode("utf-8", errors="surrogatepass"))
+
+
+def check_text(name: str, value: str, limit: int, *, allow_empty: bool = False) -> None:
+    if not allow_empty and not value.strip():
+        raise InvalidArgument(name, "must not be empty or whitespace")
+    size = _utf8_len(value)
+    if size > limit:
+        raise InvalidArgument(name, f"is {size} bytes; the limit is {limit} bytes")
+    if "\x00" in value:
+        raise InvalidArgument(name, "contains a NUL character")
+
+
+def check_count(name: str, count: int, limit: int, *, minimum: int = 1) -> None:
+    if count < minimum:
+        raise InvalidArgument(name, f"needs at least {minimum} entr{'y' if minimum == 1 else 'ies'}")
+    if count > limit:
+        raise InvalidArgument(name, f"has {count} entries; the limit is {limit}")
+
+
+def check_range(name: str, value: int, limit: int) -> None:
+    if value < 0 or value > limit:
+        raise InvalidArgument(name, f"is {value}; must be between 1 and {limit} (0 = default)")
+
+
+def check_ids(name: str, ids: Sequence[str], limit_bytes: int) -> None:
+    seen: dict[str, int] = {}
+    for i, doc_id in enumerate(ids):
+        if not doc_id or not doc_id.strip():
+            raise InvalidArgument(f"{name}[{i}]", "id must not be empty")
+        if _utf8_len(doc_id) > limit_bytes:
+            raise InvalidArgument(f"{name}[{i}]", f"id is {_utf8_len(doc_id)} bytes; the limit is {limit_bytes} bytes")
+        if "\x00" in doc_id:
+            raise InvalidArgument(f"{name}[{i}]", "id contains a NUL character")
+        if doc_id in seen:
+            raise InvalidArgument(name, f"duplicate id {doc_id!r} at positions {seen[doc_id]} and {i}")
+        seen[doc_id] = i
+
+
+def check_filter(flt: dict[str, Any] | None) -> None:
+    if not flt:
+        return
+    for key, value in flt.items():
+        if not key:
+            raise InvalidArgument("filter", "keys must not be empty")
+        if isinstance(value, (dict, list)):
+            raise InvalidArgument(f"filter.{key}", "only scalar values (string, number, bool, null) can be matched")
+        if isinstance(value, float) and not math.isfinite(value):
+            raise InvalidArgument(f"filter.{key}", "number must be finite")
+
+
+# ------------------------------------------------------------------------------------------ engine
+class Engine:
+    """Search/Rerank/Embed/Upsert/Delete. One per server; shared by all requests."""
+
+    def __init__(self, config: Config, embedder: Any, reranker: Any, index: DocumentIndex,
+                 embed_batcher: Batcher, rerank_batcher: Batcher):
+        self.config = config
+        self.embedder = embedder
+        self.reranker = reranker
+        self.index = index
+        self.embed_batcher = embed_batcher
+        self.rerank_batcher = rerank_batcher
+        self.positive_label = int(reranker.manifest.get("positive_label", 0) or 0)
+
+    # ---------------------------------------------------------------- embed
+    async def _embed_texts(self, texts: list[str], timing: Timing, deadline: float | None,
+                           max_tokens: int = 0, truncate: bool = True, field_name: str = "texts") -> np.ndarray:
+        limit = self.embedder.max_length if not max_tokens else min(max_tokens, self.embedder.max_length)
+        t0 = time.perf_counter()
+        encoded = await asyncio.to_thread(tokenization.encode_texts, self.embedder.tokenizer, texts, limit)
+        timing.embed.tokenize_ms += (time.perf_counter() - t0) * 1000.0
+        if not truncate:
+            for i, enc in enumerate(encoded):
+                if enc.truncated:
+                    raise InvalidArgument(f"{field_name}[{i}]", f"is longer than {limit} tokens and truncation is off")
+        result = await self.embed_batcher.submit(encoded, deadline=deadline)
+        timing.embed.add(result.stats)
+        return np.asarray(result.outputs, dtype=np.float32)
+
+    async def embed(self, texts: list[str], *, truncate: bool = True, deadline: float | None = None) -> EmbedOutcome:
+        cfg = self.config
+        check_count("texts", len(texts), cfg.max_embed_texts)
+        for i, t in enumerate(texts):
+            check_text(f"texts[{i}]", t, cfg.max_text_bytes)
+        timing = Timing()
+        vectors = await self._embed_texts(list(texts), timing, deadline, truncate=truncate)
+        return EmbedOutcome(vectors=vectors, normalized=bool(self.embedder.normalize), timing=timing.finish())
+
+    # ---------------------------------------------------------------- rerank core
+    async def _score_pairs(self, query: str, docs: list[str], timing: Timing, deadline: float | None, *,
+                           max_query_tokens: int, max_doc_tokens: int, truncate: bool,
+                           chunk_long: bool, chunk_overlap: int, want_raw: bool) -> tuple[np.ndarray, list[int], list[int], list[bool]]:
+        """Scores per document (raw or normalized; best chunk in long-document mode), chunk counts, best chunk,
+        truncated flags. The best chunk is chosen on the normalized score (for single-logit models the same
+        order as the raw logit)."""
+        t0 = time.perf_counter()
+        if chunk_long:
+            encoded, owner = await asyncio.to_thread(
+                tokenization.chunk_document_pairs, self.reranker.tokenizer, query, docs, self.reranker.max_length,
+                max_query_tokens=max_query_tokens, max_doc_tokens=max_doc_tokens, overlap=chunk_overlap)
+        else:
+            encoded = await asyncio.to_thread(
+                tokenization.encode_pairs, self.reranker.tokenizer, query, docs, self.reranker.max_length,
+                max_query_tokens=max_query_tokens, max_doc_tokens=max_doc_tokens, truncate=truncate)
+            owner = list(range(len(docs)))
+        timing.rerank.tokenize_ms += (time.perf_counter() - t0) * 1000.0
+        result = await self.rerank_batcher.submit(encoded, deadline=deadline)
+        timing.rerank.add(result.stats)
+        norm = normalized_scores(result.outputs, self.positive_label)
+        chosen = raw_scores(result.outputs, self.positive_label) if want_raw else norm
+        best = np.full(len(docs), -np.inf, dtype=np.float32)
+        best_norm = np.full(len(docs), -np.inf, dtype=np.float32)
+        best_chunk = [0] * len(docs)
+        chunks = [0] * len(docs)
+        truncated = [False] * len(docs)
+        for j, d in enumerate(owner):
+            if chunks[d] == 0 or norm[j] > best_norm[d]:
+                best_norm[d] = norm[j]
+                best[d] = chosen[j]
+                best_chunk[d] = chunks[d]
+            chunks[d] += 1
+            truncated[d] = truncated[d] or bool(encoded[j].truncated)
+        return best, chunks, best_chunk, truncated
+
+    def _validate_rerank_query(self, query: str, max_query_tokens: int, max_doc_tokens: int) -> None:
+        check_text("query", query, self.config.max_query_bytes)
+        for name, v in (("max_query_tokens", max_query_tokens), ("max_document_tokens", max_doc_tokens)):
+            if v < 0 or v > self.reranker.max_length:
+                raise InvalidArgument(name, f"is {v}; must be between 1 and {self.reranker.max_length} (0 = model limit)")
+
+    async def rerank(self, query: str, *, texts: Sequence[str] = (), document_ids: Sequence[str] = (),
+                     top_n: int = 0, return_documents: bool = False, raw: bool = False, truncate: bool = True,
+                     max_query_tokens: int = 0, max_doc_tokens: int = 0, chunk_long: bool = False,
+                     chunk_overlap: int = 0, deadline: float | None = None) -> RerankOutcome:
+        cfg = self.config
+        self._validate_rerank_query(query, max_query_tokens, max_doc_tokens)
+        if texts and document_ids:
+            raise InvalidArgument("texts", "give either texts or document_ids, not both")
+        n = len(texts) or len(document_ids)
+        check_count("texts" if texts or not document_ids else "document_ids", n, cfg.max_rerank_documents)
+        check_range("top_n", top_n, cfg.max_rerank_documents)
+        if chunk_overlap < 0 or (chunk_overlap and chunk_overlap >= self.reranker.max_length // 2):
+            raise InvalidArgument("chunk_overlap_tokens",
+                                  f"is {chunk_overlap}; must be below {self.reranker.max_length // 2}")
+        timing = Timing()
+        ids: list[str] = []
+        if texts:
+            for i, t in enumerate(texts):
+                check_text(f"texts[{i}]", t, cfg.max_text_bytes)
+            docs = list(texts)
+        else:
+            check_ids("document_ids", document_ids, cfg.max_id_bytes)
+            t0 = time.perf_counter()
+            stored = await asyncio.to_thread(self.index.get, list(document_ids))
+            timing.store_ms += (time.perf_counter() - t0) * 1000.0
+            missing = [d for d in document_ids if d not in stored]
+            if missing:
+                shown = ", ".join(repr(m) for m in missing[:10])
+                raise NotFound(f"document_ids: {len(missing)} unknown id(s): {shown}" + (" …" if len(missing) > 10 else ""))
+            ids = list(document_ids)
+            docs = [embedding_text(stored[d].title, stored[d].text) for d in ids]
+        scores, chunks, best_chunk, truncated = await self._score_pairs(
+            query, docs, timing, deadline, max_query_tokens=max_query_tokens, max_doc_tokens=max_doc_tokens,
+            truncate=truncate, chunk_long=chunk_long, chunk_overlap=chunk_overlap or cfg.default_chunk_overlap_tokens,
+            want_raw=raw)
+        order = sorted(range(len(docs)), key=lambda i: (-float(scores[i]), i))
+        if top_n:
+            order = order[:top_n]
+        results = [RerankItem(index=i, score=float(scores[i]), id=ids[i] if ids else "",
+                              text=docs[i] if return_documents else "", chunks=chunks[i],
+                              best_chunk=best_chunk[i], truncated=truncated[i]) for i in order]
+        return RerankOutcome(results=results, score_kind="raw" if raw else "normalized", timing=timing.finish())
+
+    # ---------------------------------------------------------------- search
+    async def search(self, query: str, *, top_k: int = 0, candidates: int = 0, skip_rerank: bool = False,
+                     filter: dict[str, Any] | None = None, ids_only: bool = False, rerank_budget_ms: int = 0,
+                     raw: bool = False, max_query_tokens: int = 0, max_doc_tokens: int = 0,
+                     expansion_search: int = 0, deadline: float | None = None) -> SearchOutcome:
+        cfg = self.config
+        check_text("query", query, cfg.max_query_bytes)
+        check_range("top_k", top_k, cfg.max_top_k)
+        check_range("candidates", candidates, cfg.max_candidates)
+        check_filter(filter)
+        if expansion_search < 0 or expansion_search > 4096:
+            raise InvalidArgument("expansion_search", f"is {expansion_search}; must be between 1 and 4096 (0 = default)")
+        if not skip_rerank:
+            self._validate_rerank_query(query, max_query_tokens, max_doc_tokens)
+        top_k = top_k or cfg.default_top_k
+        n_candidates = max(candidates or cfg.default_candidates, top_k)
+        timing = Timing()
+
+        vector = (await self._embed_texts([query], timing, deadline, max_tokens=max_query_tokens, field_name="query"))[0]
+        t0 = time.perf_counter()
+        found = await asyncio.to_thread(self.index.search, vector, n_candidates,
+                                        expansion_search=expansion_search or None, filter=filter or None)
+        timing.ann_ms = (time.perf_counter() - t0) * 1000.0
+        cands = found.hits
+        need_docs = (not skip_rerank) or (not ids_only)
+        stored: dict[str, StoredDoc] = {}
+        if need_docs and cands:
+            t0 = time.perf_counter()
+            stored = await asyncio.to_thread(self.index.get, [h.id for h in cands])
+            timing.store_ms += (time.perf_counter() - t0) * 1000.0
+            cands = [h for h in cands if h.id in stored]  # deleted between ANN and fetch
+
+        hits = [Hit(id=h.id, score=float(h.score), rerank_score=0.0, retrieval_score=float(h.score), reranked=False,
+                    retrieval_rank=i, document=None if ids_only else stored.get(h.id)) for i, h in enumerate(cands)]
+        n_reranked = 0
+        score_kind = "similarity"
+        if not skip_rerank and hits:
+            score_kind = "raw" if raw else "normalized"
+            texts = [embedding_text(stored[h.id].title, stored[h.id].text) for h in hits]
+            n_reranked = await self._rerank_hits(query, hits, texts, timing, deadline, raw=raw,
+                                                 budget_ms=rerank_budget_ms, max_query_tokens=max_query_tokens,
+                                                 max_doc_tokens=max_doc_tokens)
+            done = sorted(hits[:n_reranked], key=lambda h: (-h.rerank_score, h.retrieval_rank))
+            hits = done + hits[n_reranked:]
+        hits = hits[:top_k]
+        return SearchOutcome(hits=hits, score_kind=score_kind, candidates=len(cands), reranked=n_reranked,
+                             filter_exhausted=bool(filter) and found.exhausted and len(cands) < top_k,
+                             timing=timing.finish())
+
+    async def _rerank_hits(self, query: str, hits: list[Hit], texts: list[str], timing: Timing,
+                           deadline: float | None, *, raw: bool, budget_ms: int, max_query_tokens: int,
+                           max_doc_tokens: int) -> int:
+        """Score hits in stage-1 order. With a budget: one batch-sized slice at a time while the budget lasts."""
+        kwargs = dict(max_query_tokens=max_query_tokens, max_doc_tokens=max_doc_tokens, truncate=True,
+                      chunk_long=False, chunk_overlap=0, want_raw=raw)
+        if budget_ms <= 0:
+            slices = [(0, len(hits))]
+        else:
+            step = max(1, self.config.rerank_max_batch_size)
+            slices = [(i, min(i + step, len(hits))) for i in range(0, len(hits), step)]
+        started = time.perf_counter()
+        slowest = 0.0
+        done = 0
+        for lo, hi in slices:
+            if budget_ms > 0 and done:
+                elapsed = (time.perf_counter() - started) * 1000.0
+                if elapsed + slowest > budget_ms:
+                    break
+            t0 = time.perf_counter()
+            final, *_ = await self._score_pairs(query, texts[lo:hi], timing, deadline, **kwargs)
+            slowest = max(slowest, (time.perf_counter() - t0) * 1000.0)
+            for h, s in zip(hits[lo:hi], final):
+                h.rerank_score = float(s)
+                h.score = float(s)
+                h.reranked = True
+            done = hi
+        return done
+
+    # ---------------------------------------------------------------- writes
+    def _check_writable(self) -> None:
+        if self.index.settings.view:
+            raise FailedPrecondition("the index is memory-mapped read-only (index_view=true); writes are refused")
+
+    async def upsert(self, documents: Sequence[DocumentInput], *, deadline: float | None = None) -> WriteOutcome:
+        cfg = self.config
+        self._check_writable()
+        check_count("documents", len(documents), cfg.max_upsert_documents)
+        check_ids("documents.id", [d.id for d in documents], cfg.max_id_bytes)
+        dim = self.index.dimension
+        for i, d in enumerate(documents):
+            check_text(f"documents[{i}].text", d.text, cfg.max_text_bytes)
+            check_text(f"documents[{i}].title", d.title, cfg.max_text_bytes, allow_empty=True)
+            if d.embedding and len(d.embedding) != dim:
+                raise InvalidArgument(f"documents[{i}].embedding", f"has {len(d.embedding)} values; the index dimension is {dim}")
+            if d.embedding and not all(math.isfinite(x) for x in d.embedding):
+                raise InvalidArgument(f"documents[{i}].embedding", "contains NaN or infinite values")
+        timing = Timing()
+        vectors = np.zeros((len(documents), dim), dtype=np.float32)
+        to_embed = [i for i, d in enumerate(documents) if not d.embedding]
+        for i, d in enumerate(documents):
+            if d.embedding:
+                vectors[i] = np.asarray(d.embedding, dtype=np.float32)
+        if to_embed:
+            texts = [embedding_text(documents[i].title, documents[i].text) for i in to_embed]
+            vectors[to_embed] = await self._embed_texts(texts, timing, deadline)
+        docs = [StoredDoc(id=d.id, text=d.text, title=d.title, metadata=dict(d.metadata)) for d in documents]
+        t0 = time.perf_counter()
+        inserted, updated = await asyncio.to_thread(self.index.upsert, docs, vectors)
+        timing.store_ms += (time.perf_counter() - t0) * 1000.0
+        return WriteOutcome(inserted=inserted, updated=updated, index_size=self.index.size, timing=timing.finish())
+
+    async def delete(self, ids: Sequence[str]) -> WriteOutcome:
+        self._check_writable()
+        check_count("ids", len(ids), self.config.max_upsert_documents)
+        check_ids("ids", ids, self.config.max_id_bytes)
+        timing = Timing()
+        t0 = time.perf_counter()
+        deleted, not_found = await asyncio.to_thread(self.index.delete, list(ids))
+        timing.store_ms += (time.perf_counter() - t0) * 1000.0
+        return WriteOutcome(deleted=deleted, not_found=list(not_found), index_size=self.index.size,
+                            timing=timing.finish())

@@ -1,0 +1,170 @@
+"""The gRPC service: maps protobuf to Engine calls and domain errors to status codes. Nothing else."""
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any, Awaitable, Callable
+
+import grpc
+from google.protobuf import json_format, struct_pb2
+
+from twostage.server import errors
+from twostage.server.engine import DocumentInput, Engine, StageTiming, Timing
+from twostage.v1 import twostage_pb2 as pb
+from twostage.v1 import twostage_pb2_grpc as pb_grpc
+
+log = logging.getLogger("twostage.service")
+
+# The one error -> status mapping.
+STATUS_OF: dict[type, grpc.StatusCode] = {
+    errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
+    errors.NotFound: grpc.StatusCode.NOT_FOUND,
+    errors.ResourceExhausted: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    errors.DeadlineExceeded: grpc.StatusCode.DEADLINE_EXCEEDED,
+    errors.Cancelled: grpc.StatusCode.CANCELLED,
+    errors.FailedPrecondition: grpc.StatusCode.FAILED_PRECONDITION,
+    errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
+}
+
+SCORE_KIND = {"normalized": pb.SCORE_KIND_NORMALIZED, "raw": pb.SCORE_KIND_RAW, "similarity": pb.SCORE_KIND_SIMILARITY}
+
+
+def _stage_pb(s: StageTiming) -> pb.StageTiming:
+    return pb.StageTiming(queue_ms=s.queue_ms, tokenize_ms=s.tokenize_ms, inference_ms=s.inference_ms,
+                          batches=s.batches, items=s.items, tokens=s.tokens)
+
+
+def timing_pb(t: Timing) -> pb.Timing:
+    return pb.Timing(total_ms=t.total_ms, queue_ms=t.embed.queue_ms + t.rerank.queue_ms,
+                     tokenize_ms=t.embed.tokenize_ms + t.rerank.tokenize_ms,
+                     inference_ms=t.embed.inference_ms + t.rerank.inference_ms,
+                     embed=_stage_pb(t.embed), ann_ms=t.ann_ms, rerank=_stage_pb(t.rerank), store_ms=t.store_ms)
+
+
+def struct_to_dict(s: struct_pb2.Struct) -> dict[str, Any]:
+    return json_format.MessageToDict(s) if s.fields else {}
+
+
+def dict_to_struct(d: dict[str, Any] | None) -> struct_pb2.Struct:
+    s = struct_pb2.Struct()
+    if d:
+        s.update(d)
+    return s
+
+
+def _truncate(value: int) -> bool:
+    return value != pb.TRUNCATION_NONE
+
+
+def _deadline(context: grpc.aio.ServicerContext) -> float | None:
+    remaining = context.time_remaining()
+    return None if remaining is None else time.monotonic() + remaining
+
+
+class TwoStageService(pb_grpc.TwoStageServicer):
+    """Thin adapter. `engine` is None until models and index are loaded (RPCs then get UNAVAILABLE)."""
+
+    def __init__(self, info: Callable[[], pb.InfoResponse], metrics: Any = None):
+        self.engine: Engine | None = None
+        self._info = info
+        self._metrics = metrics
+
+    async def _call(self, method: str, context: grpc.aio.ServicerContext, work: Callable[[Engine], Awaitable[Any]]) -> Any:
+        started = time.perf_counter()
+        code = grpc.StatusCode.OK
+        if self._metrics is not None:
+            self._metrics.inflight.inc()
+        try:
+            if self.engine is None:
+                raise errors.Unavailable("the server is still loading models and index; retry shortly")
+            return await work(self.engine)
+        except errors.TwoStageError as exc:
+            code = STATUS_OF.get(type(exc), grpc.StatusCode.INTERNAL)
+            await context.abort(code, str(exc))
+        except asyncio.CancelledError:
+            code = grpc.StatusCode.CANCELLED
+            raise
+        except grpc.aio.AbortError:
+            raise
+        except Exception as exc:  # a bug: keep serving, say so
+            code = grpc.StatusCode.INTERNAL
+            log.exception("internal error in %s", method)
+            await context.abort(code, f"internal error: {type(exc).__name__}: {exc}")
+        finally:
+            seconds = time.perf_counter() - started
+            if self._metrics is not None:
+                self._metrics.inflight.dec()
+                self._metrics.observe_rpc(method, code.name, seconds)
+            log.info("rpc", extra={"rpc": method, "code": code.name, "ms": round(seconds * 1000.0, 3)})
+
+    # ------------------------------------------------------------------ RPCs
+    async def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
+        async def work(engine: Engine) -> pb.SearchResponse:
+            out = await engine.search(
+                request.query, top_k=request.top_k, candidates=request.candidates, skip_rerank=request.skip_rerank,
+                filter=struct_to_dict(request.filter), ids_only=request.ids_only,
+                rerank_budget_ms=request.rerank_budget_ms, raw=request.raw_scores,
+                max_query_tokens=request.max_query_tokens, max_doc_tokens=request.max_document_tokens,
+                expansion_search=request.expansion_search, deadline=_deadline(context))
+            hits = []
+            for h in out.hits:
+                hit = pb.SearchHit(id=h.id, score=h.score, rerank_score=h.rerank_score,
+                                   retrieval_score=h.retrieval_score, reranked=h.reranked,
+                                   retrieval_rank=h.retrieval_rank)
+                if h.document is not None:
+                    hit.document.CopyFrom(pb.Document(id=h.id, text=h.document.text, title=h.document.title,
+                                                      metadata=dict_to_struct(h.document.metadata)))
+                hits.append(hit)
+            return pb.SearchResponse(hits=hits, score_kind=SCORE_KIND[out.score_kind], candidates=out.candidates,
+                                     reranked=out.reranked, filter_exhausted=out.filter_exhausted,
+                                     timing=timing_pb(out.timing))
+        return await self._call("Search", context, work)
+
+    async def Rerank(self, request: pb.RerankRequest, context) -> pb.RerankResponse:
+        async def work(engine: Engine) -> pb.RerankResponse:
+            out = await engine.rerank(
+                request.query, texts=list(request.texts), document_ids=list(request.document_ids),
+                top_n=request.top_n, return_documents=request.return_documents, raw=request.raw_scores,
+                truncate=_truncate(request.truncation), max_query_tokens=request.max_query_tokens,
+                max_doc_tokens=request.max_document_tokens, chunk_long=request.chunk_long_documents,
+                chunk_overlap=request.chunk_overlap_tokens, deadline=_deadline(context))
+            results = [pb.RerankResult(index=r.index, score=r.score, id=r.id, text=r.text, chunks=r.chunks,
+                                       best_chunk=r.best_chunk, truncated=r.truncated) for r in out.results]
+            return pb.RerankResponse(results=results, score_kind=SCORE_KIND[out.score_kind],
+                                     timing=timing_pb(out.timing))
+        return await self._call("Rerank", context, work)
+
+    async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:
+        async def work(engine: Engine) -> pb.EmbedResponse:
+            out = await engine.embed(list(request.texts), truncate=_truncate(request.truncation),
+                                     deadline=_deadline(context))
+            return pb.EmbedResponse(embeddings=[pb.Embedding(values=v.tolist()) for v in out.vectors],
+                                    dimension=int(out.vectors.shape[1]), normalized=out.normalized,
+                                    timing=timing_pb(out.timing))
+        return await self._call("Embed", context, work)
+
+    async def Upsert(self, request: pb.UpsertRequest, context) -> pb.UpsertResponse:
+        async def work(engine: Engine) -> pb.UpsertResponse:
+            docs = [DocumentInput(id=d.id, text=d.text, title=d.title, metadata=struct_to_dict(d.metadata),
+                                  embedding=list(d.embedding)) for d in request.documents]
+            out = await engine.upsert(docs, deadline=_deadline(context))
+            if self._metrics is not None:
+                self._metrics.index_size.set(out.index_size)
+            return pb.UpsertResponse(inserted=out.inserted, updated=out.updated, index_size=out.index_size,
+                                     timing=timing_pb(out.timing))
+        return await self._call("Upsert", context, work)
+
+    async def Delete(self, request: pb.DeleteRequest, context) -> pb.DeleteResponse:
+        async def work(engine: Engine) -> pb.DeleteResponse:
+            out = await engine.delete(list(request.ids))
+            if self._metrics is not None:
+                self._metrics.index_size.set(out.index_size)
+            return pb.DeleteResponse(deleted=out.deleted, not_found=out.not_found, index_size=out.index_size,
+                                     timing=timing_pb(out.timing))
+        return await self._call("Delete", context, work)
+
+    async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
+        async def work(engine: Engine) -> pb.InfoResponse:
+            return self._info()
+        return await self._call("Info", context, work)
