@@ -21,7 +21,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import NamedTuple, Sequence
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -173,8 +173,7 @@ def encode_pairs(tokenizer: ModelTokenizer, query: str, docs: Sequence[str], max
     return out
 
 
-@dataclass(frozen=True)
-class ChunkedPairs:
+class ChunkedPairs(NamedTuple):
     """Long-document mode: one Encoded per chunk, and for each chunk the index of its document."""
 
     pairs: list[Encoded]
@@ -200,14 +199,15 @@ def chunk_windows(n_tokens: int, window: int, overlap: int) -> list[tuple[int, i
 
 
 def chunk_document_pairs(tokenizer: ModelTokenizer, query: str, docs: Sequence[str], max_length: int,
-                         overlap_tokens: int, max_query_tokens: int = 0, max_doc_tokens: int = 0,
+                         overlap: int = 0, max_query_tokens: int = 0, max_doc_tokens: int = 0,
                          truncate: bool = True, *, query_field: str = "query") -> ChunkedPairs:
-    """Split each document into overlapping token windows that fit the pair budget beside the query.
+    """Split each document into token windows that fit the pair budget beside the query, consecutive windows
+    sharing `overlap` tokens. Returns (pairs, doc_of_chunk); unpacks as a tuple.
 
     The query is capped as in `encode_pairs` and may take at most half of the pair budget (cut beyond it,
     marking every pair truncated). `max_doc_tokens`, when set, bounds each chunk's window instead of cutting the
     document: no document content is dropped in this mode. The last window is aligned to the document end, so
-    it may overlap its predecessor by more than `overlap_tokens`.
+    it may overlap its predecessor by more than `overlap`.
     """
     q_ids, q_cut = _cap_query(tokenizer, query, max_length, max_query_tokens, truncate, query_field)
     budget = max_length - tokenizer.pair_specials
@@ -222,7 +222,7 @@ def chunk_document_pairs(tokenizer: ModelTokenizer, query: str, docs: Sequence[s
     pairs: list[Encoded] = []
     doc_of_chunk: list[int] = []
     for i, d_ids in enumerate(tokenizer.tokens(docs)):
-        for start, end in chunk_windows(len(d_ids), window, overlap_tokens):
+        for start, end in chunk_windows(len(d_ids), window, overlap):
             pairs.append(tokenizer.assemble(q_ids, d_ids[start:end], truncated=q_cut))
             doc_of_chunk.append(i)
     return ChunkedPairs(pairs, doc_of_chunk)
