@@ -1,4 +1,4 @@
-"""API-key access control for the gRPC server.
+"""Ingress protection for the gRPC server: API-key access control and a guard for undecodable requests.
 
 Clients send ``authorization: Bearer <key>`` metadata. Two key sets come from the config:
 
@@ -15,6 +15,10 @@ Keys are compared in constant time: the presented key and every configured key a
 digests (so that key lengths do not leak either) and compared with `hmac.compare_digest`, over all keys,
 without stopping at the first match. Keys are never logged; refusals are logged with the method and the
 reason only.
+
+`DecodeGuardInterceptor` makes a request that cannot be decoded (e.g. a Struct nested deeper than the
+protobuf decoder allows) answer INVALID_ARGUMENT instead of gRPC's default UNKNOWN: it parses the request
+itself and hands the parsed message to the real handler.
 """
 from __future__ import annotations
 
@@ -26,6 +30,7 @@ import time
 from typing import Any, Awaitable, Callable, Iterable, Sequence
 
 import grpc
+from google.protobuf.message import DecodeError
 
 log = logging.getLogger("twostage.auth")
 
@@ -176,3 +181,31 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if self.observe_rpc is not None:
             self.observe_rpc(method.rsplit("/", 1)[-1], code.name, time.perf_counter() - started)
         return _refusal(await continuation(handler_call_details), code, message)
+
+
+class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
+    """Unary requests that fail to decode get INVALID_ARGUMENT (gRPC's own deserializer answers UNKNOWN).
+
+    Streaming handlers (health Watch, reflection) are passed through unchanged.
+    """
+
+    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+                                handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if (handler is None or handler.request_streaming or handler.response_streaming
+                or handler.request_deserializer is None or handler.unary_unary is None):
+            return handler
+        parse = handler.request_deserializer
+        behaviour = handler.unary_unary
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+
+        async def guarded(raw: bytes, context: grpc.aio.ServicerContext) -> Any:
+            try:
+                request = parse(raw)
+            except DecodeError as exc:
+                await context.abort(grpc.StatusCode.INVALID_ARGUMENT,
+                                    f"{method} request could not be decoded: {exc}")
+            return await behaviour(request, context)
+
+        return grpc.unary_unary_rpc_method_handler(guarded, request_deserializer=None,
+                                                   response_serializer=handler.response_serializer)

@@ -27,7 +27,8 @@ from grpc_reflection.v1alpha import reflection, reflection_pb2, reflection_pb2_g
 
 from server_harness import ServerThread, make_config
 from twostage.server import auth
-from twostage.server.auth import Access, ApiKeyInterceptor, ApiKeys, bearer_token, required_access
+from twostage.server.auth import (Access, ApiKeyInterceptor, ApiKeys, DecodeGuardInterceptor, bearer_token,
+                                  required_access)
 from twostage.server.service import TwoStageService
 from twostage.v1 import twostage_pb2 as pb
 from twostage.v1 import twostage_pb2_grpc as pb_grpc
@@ -125,8 +126,8 @@ def test_interceptor_from_config_is_off_without_keys():
 
 # ------------------------------------------------------------ interceptor on a real server, no models
 class GateServer:
-    """A grpc.aio server with the interceptor in front of the real TwoStageService (no engine loaded),
-    health and reflection, on its own event loop thread."""
+    """A grpc.aio server with the interceptors (API keys, then the decode guard) in front of the real
+    TwoStageService (no engine loaded), health and reflection, on its own event loop thread."""
 
     def __init__(self, interceptor: ApiKeyInterceptor):
         self.loop = asyncio.new_event_loop()
@@ -137,7 +138,7 @@ class GateServer:
         self.channel = grpc.insecure_channel(f"127.0.0.1:{self.port}")
 
     async def _start(self, interceptor: ApiKeyInterceptor) -> int:
-        self.server = grpc.aio.server(interceptors=[interceptor])
+        self.server = grpc.aio.server(interceptors=[interceptor, DecodeGuardInterceptor()])
         self.service = TwoStageService(info=lambda: pb.InfoResponse())
         pb_grpc.add_TwoStageServicer_to_server(self.service, self.server)
         hs = health.aio.HealthServicer()
@@ -226,6 +227,31 @@ def test_gate_reports_refusals_and_never_logs_keys(gate, caplog):
     assert "rpc refused" in logged
     for key in (wrong, READ_KEY, WRITE_KEY):
         assert key not in logged
+
+
+def deep_filter_search(depth: int) -> pb.SearchRequest:
+    node: dict = {"leaf": 1}
+    for _ in range(depth):
+        node = {"n": node}
+    request = pb.SearchRequest(query="q")
+    request.filter.update(node)   # in place: a Struct this deep cannot be parsed back, only built
+    return request
+
+
+def test_gate_answers_undecodable_requests_with_invalid_argument(gate):
+    stub = pb_grpc.TwoStageStub(gate.channel)
+    too_deep = deep_filter_search(120)     # beyond the protobuf decoder's nesting limit
+    assert call_code(stub.Search, too_deep) == grpc.StatusCode.UNAUTHENTICATED     # keys are checked first
+    try:
+        stub.Search(too_deep, metadata=bearer(READ_KEY), timeout=10)
+    except grpc.RpcError as err:
+        assert err.code() == grpc.StatusCode.INVALID_ARGUMENT and "could not be decoded" in err.details()
+    else:
+        pytest.fail("an undecodable request was accepted")
+    raw = gate.channel.unary_unary("/twostage.v1.TwoStage/Upsert", request_serializer=lambda b: b,
+                                   response_deserializer=lambda b: b)
+    assert call_code(raw, b"\x0a\xff\xff\xff", bearer(WRITE_KEY)) == grpc.StatusCode.INVALID_ARGUMENT
+    assert call_code(stub.Search, deep_filter_search(20), bearer(READ_KEY)) == PASSED   # decodable: served
 
 
 # ------------------------------------------------------------------------- the whole server, API keys
