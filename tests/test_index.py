@@ -1,0 +1,575 @@
+"""Vector index + document store: CRUD, persistence, crash safety, filters, recall, view mode, concurrency.
+
+Synthetic vectors only (no models)."""
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from twostage.server.errors import FailedPrecondition, InvalidArgument
+from twostage.server.index import (SNAPSHOT_META_FILE, DocumentIndex, IndexSettings, StoredDoc,
+                                   embedding_text, json_equal, metadata_matches)
+
+DIM = 16
+
+
+def unit_vectors(n: int, dim: int = DIM, seed: int = 0) -> np.ndarray:
+    v = np.random.default_rng(seed).normal(size=(n, dim)).astype(np.float32)
+    return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+
+def clustered(n: int, dim: int, clusters: int, seed: int, noise: float = 0.6) -> np.ndarray:
+    rng = np.random.default_rng(seed)
+    centers = rng.normal(size=(clusters, dim)).astype(np.float32)
+    x = centers[rng.integers(0, clusters, n)] + noise * rng.normal(size=(n, dim)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def embedding_like(n: int, dim: int, clusters: int, seed: int, latent_dim: int = 64) -> np.ndarray:
+    """Clustered unit vectors with low intrinsic dimension, like sentence embeddings: cluster centres
+    plus spread in a `latent_dim` space, mapped into `dim` dimensions, plus a little isotropic noise.
+    (Isotropic 384-d noise would make all points of a cluster nearly equidistant, so "nearest" loses
+    its meaning; real embeddings do not look like that.)"""
+    fixed = np.random.default_rng(100)  # centres and projection shared by corpus and queries
+    centers = fixed.normal(size=(clusters, latent_dim))
+    projection = fixed.normal(size=(latent_dim, dim)) / np.sqrt(latent_dim)
+    rng = np.random.default_rng(seed)
+    z = centers[rng.integers(0, clusters, n)] + rng.normal(size=(n, latent_dim))
+    x = (z @ projection + 0.05 * rng.normal(size=(n, dim))).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+def docs(n: int, prefix: str = "d", start: int = 0, **meta) -> list[StoredDoc]:
+    return [StoredDoc(f"{prefix}{i}", f"text of {prefix}{i}", f"title {i}", {"n": i, **meta})
+            for i in range(start, start + n)]
+
+
+def open_index(path: Path, dim: int = DIM, **settings) -> DocumentIndex:
+    return DocumentIndex.open(path, dim, IndexSettings(**settings))
+
+
+def run_child(code: str, *args: str) -> subprocess.CompletedProcess:
+    """Run `code` in a fresh interpreter (a separate process can crash or skip close())."""
+    return subprocess.run([sys.executable, "-c", textwrap.dedent(code), *args],
+                          capture_output=True, text=True, timeout=120, check=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Basic operations
+# ---------------------------------------------------------------------------------------------
+
+
+def test_upsert_get_delete_roundtrip(tmp_path):
+    vectors = unit_vectors(20)
+    with open_index(tmp_path / "ix") as index:
+        assert index.upsert(docs(20), vectors) == (20, 0)
+        assert index.size == 20
+        got = index.get(["d3", "d7", "missing"])
+        assert set(got) == {"d3", "d7"}
+        assert got["d3"] == StoredDoc("d3", "text of d3", "title 3", {"n": 3})
+        result = index.search(vectors[7], 3)
+        assert result.hits[0].id == "d7" and result.hits[0].rank == 0
+        assert result.hits[0].score == pytest.approx(1.0, abs=1e-5)
+        assert [h.rank for h in result.hits] == [0, 1, 2]
+        assert not result.exhausted
+        assert index.delete(["d7", "d3", "nope", "d7"]) == (2, ["nope"])
+        assert index.size == 18
+        assert index.get(["d3", "d7"]) == {}
+        assert "d7" not in [h.id for h in index.search(vectors[7], 18).hits]
+        assert index.delete(["d7"]) == (0, ["d7"])
+        index.verify()
+
+
+def test_upsert_replaces_text_metadata_and_vector(tmp_path):
+    vectors = unit_vectors(10)
+    with open_index(tmp_path / "ix") as index:
+        index.upsert(docs(10), vectors)
+        old_key = index.search(vectors[4], 1).hits[0].key
+        new_vector = unit_vectors(1, seed=99)[0]
+        inserted, updated = index.upsert([StoredDoc("d4", "new text", "", {"v": 2}),
+                                          StoredDoc("d10", "fresh", "", {})],
+                                         np.stack([new_vector, unit_vectors(1, seed=5)[0]]))
+        assert (inserted, updated) == (1, 1)
+        assert index.size == 11
+        assert index.get(["d4"])["d4"] == StoredDoc("d4", "new text", "", {"v": 2})
+        top = index.search(new_vector, 1).hits[0]
+        assert top.id == "d4" and top.key != old_key and top.key > old_key  # keys are never reused
+        assert "d4" not in [h.id for h in index.search(vectors[4], 1).hits]
+        index.verify()
+
+
+def test_duplicate_ids_rejected_with_positions_and_nothing_written(tmp_path):
+    batch = docs(8)
+    batch[7] = StoredDoc("d3", "again")
+    with open_index(tmp_path / "ix") as index:
+        with pytest.raises(InvalidArgument, match=r"duplicate id 'd3' at positions 3 and 7") as err:
+            index.upsert(batch, unit_vectors(8))
+        assert err.value.field == "documents"
+        assert index.size == 0 and index.get(["d0"]) == {}
+
+
+def test_bad_vectors_rejected(tmp_path):
+    with open_index(tmp_path / "ix") as index:
+        with pytest.raises(InvalidArgument, match=r"has 8 values; the index dimension is 16"):
+            index.upsert(docs(2), np.ones((2, 8), np.float32))
+        with pytest.raises(InvalidArgument, match=r"2 documents but vectors of shape \(3, 16\)"):
+            index.upsert(docs(2), unit_vectors(3))
+        bad = unit_vectors(3)
+        bad[1, 4] = np.nan
+        with pytest.raises(InvalidArgument, match=r"documents\[1\]\.embedding: contains NaN"):
+            index.upsert(docs(3), bad)
+        zero = unit_vectors(3)
+        zero[2] = 0
+        with pytest.raises(InvalidArgument, match=r"documents\[2\]\.embedding: is all zeros"):
+            index.upsert(docs(3), zero)
+        with pytest.raises(InvalidArgument, match=r"documents\[0\]\.metadata"):
+            index.upsert([StoredDoc("x", "t", "", {"bad": float("nan")})], unit_vectors(1))
+        with pytest.raises(InvalidArgument, match=r"vector: has shape \(15,\)"):
+            index.search(np.ones(15, np.float32), 3)
+        with pytest.raises(InvalidArgument, match=r"top_k"):
+            index.search(np.ones(16, np.float32), 0)
+        assert index.size == 0
+
+
+def test_embedding_text_joins_title_and_text():
+    assert embedding_text("Title", "body") == "Title. body"
+    assert embedding_text("", "body") == "body"
+    assert embedding_text("   ", "body") == "body"
+
+
+def test_empty_index_search(tmp_path):
+    with open_index(tmp_path / "ix") as index:
+        assert index.search(unit_vectors(1)[0], 5).hits == []
+        assert index.search(unit_vectors(1)[0], 5, filter={"a": 1}).exhausted
+
+
+@pytest.mark.parametrize("metric", ["ip", "l2sq", "cos"])
+def test_scores_follow_the_metric(tmp_path, metric):
+    rng = np.random.default_rng(1)
+    vectors = rng.normal(size=(30, DIM)).astype(np.float32)
+    query = rng.normal(size=DIM).astype(np.float32)
+    with open_index(tmp_path / "ix", metric=metric) as index:
+        index.upsert(docs(30), vectors)
+        if metric == "ip":
+            expected = vectors @ query
+        elif metric == "l2sq":
+            expected = -((vectors - query) ** 2).sum(axis=1)
+        else:
+            expected = (vectors @ query) / np.linalg.norm(vectors, axis=1) / np.linalg.norm(query)
+        order = np.argsort(-expected)[:5]
+        for result in (index.search(query, 5), index.exact_search(query, 5)):
+            assert [h.id for h in result.hits] == [f"d{i}" for i in order]
+            assert [h.score for h in result.hits] == pytest.approx(expected[order].tolist(), rel=1e-4, abs=1e-4)
+
+
+def test_expansion_search_override_is_per_request(tmp_path):
+    vectors = unit_vectors(200)
+    with open_index(tmp_path / "ix", expansion_search=64) as index:
+        index.upsert(docs(200), vectors)
+        assert index.search(vectors[9], 5, expansion_search=300).hits[0].id == "d9"
+        assert index._hnsw.expansion_search == 64
+
+
+# ---------------------------------------------------------------------------------------------
+# Persistence and crash safety
+# ---------------------------------------------------------------------------------------------
+
+
+def test_persistence_across_close_and_reopen(tmp_path):
+    path = tmp_path / "ix"
+    vectors = unit_vectors(50)
+    with open_index(path) as index:
+        assert index.opened_from == "new"
+        index.upsert(docs(50), vectors)
+        index.delete(["d1"])
+        before = index.search(vectors[10], 5)
+    with open_index(path) as index:
+        assert index.opened_from == "snapshot"
+        assert index.size == 49 and index.verify() == 49
+        assert index.search(vectors[10], 5) == before
+        assert index.get(["d1"]) == {}
+        assert index.get(["d2"])["d2"].metadata == {"n": 2}
+
+
+def test_writes_after_the_last_snapshot_are_replayed(tmp_path):
+    path = tmp_path / "ix"
+    run_child("""
+        import sys, os, numpy as np
+        from twostage.server.index import DocumentIndex, IndexSettings, StoredDoc
+        ix = DocumentIndex.open(sys.argv[1], 16, IndexSettings())
+        v = np.random.default_rng(0).normal(size=(60, 16)).astype(np.float32)
+        ix.upsert([StoredDoc(f"d{i}", "t") for i in range(50)], v[:50])
+        ix.save()
+        ix.upsert([StoredDoc(f"d{i}", "t") for i in range(50, 60)], v[50:])
+        ix.delete([f"d{i}" for i in range(5)])
+        os._exit(0)  # no close(): the snapshot misses the last two writes
+    """, str(path))
+    with open_index(path) as index:
+        assert index.opened_from == "snapshot + replay (+10 -5)"
+        assert index.size == 55 and index.verify() == 55
+        assert index.get(["d0"]) == {} and "d59" in index.get(["d59"])
+
+
+def test_corrupt_or_truncated_snapshot_is_not_loaded(tmp_path):
+    path = tmp_path / "ix"
+    vectors = unit_vectors(300)
+    with open_index(path) as index:
+        index.upsert(docs(300), vectors)
+    meta = json.loads((path / SNAPSHOT_META_FILE).read_text())
+    snapshot = path / meta["file"]
+    data = snapshot.read_bytes()
+
+    snapshot.write_bytes(data[: len(data) // 2])  # truncated
+    with open_index(path) as index:
+        assert index.opened_from.startswith("rebuild") and "bytes" in index.opened_from
+        assert index.size == 300 and index.search(vectors[42], 1).hits[0].id == "d42"
+    meta = json.loads((path / SNAPSHOT_META_FILE).read_text())  # the rebuild wrote a fresh snapshot
+    snapshot = path / meta["file"]
+    data = bytearray(snapshot.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, flipped bits
+    snapshot.write_bytes(bytes(data))
+    with open_index(path) as index:
+        assert "sha256" in index.opened_from
+        assert index.size == 300 and index.verify() == 300
+
+    (path / SNAPSHOT_META_FILE).write_text("{not json")
+    (path / "hnsw-000000000099.usearch.tmp").write_bytes(b"half a file")  # a save cut short
+    with open_index(path) as index:
+        assert index.opened_from.startswith("rebuild")
+        assert index.search(vectors[7], 1).hits[0].id == "d7"
+    assert not list(path.glob("*.tmp"))
+
+
+def test_snapshot_ahead_of_store_is_not_loaded(tmp_path):
+    path = tmp_path / "ix"
+    with open_index(path) as index:
+        index.upsert(docs(10), unit_vectors(10))
+    meta = json.loads((path / SNAPSHOT_META_FILE).read_text())
+    meta["seq"] = 1000
+    (path / SNAPSHOT_META_FILE).write_text(json.dumps(meta))
+    with open_index(path) as index:
+        assert "ahead of the store" in index.opened_from
+        assert index.size == 10
+
+
+_CRASH_CHILD = """
+import sys, numpy as np
+from twostage.server.index import DocumentIndex, IndexSettings, StoredDoc
+path, round_no = sys.argv[1], int(sys.argv[2])
+rng = np.random.default_rng(round_no)
+ix = DocumentIndex.open(path, 16, IndexSettings(expansion_add=32))
+print("opened", ix.size, flush=True)
+live = []
+n = 0
+while True:
+    n += 1
+    new = [f"r{round_no}-{n}-{j}" for j in range(4)]
+    replace = [str(x) for x in rng.choice(live, size=min(2, len(live)), replace=False)] if live else []
+    batch = [StoredDoc(i, f"v{round_no}-{n}") for i in new + replace]
+    print("plan upsert", n, ",".join(new + replace), flush=True)
+    ix.upsert(batch, rng.normal(size=(len(batch), 16)).astype(np.float32))
+    print("ack upsert", n, ",".join(new + replace), flush=True)
+    live += new
+    if n % 3 == 0:
+        gone = [live.pop(int(rng.integers(len(live)))) for _ in range(2)]
+        print("plan delete", n, ",".join(gone), flush=True)
+        ix.delete(gone)
+        print("ack delete", n, ",".join(gone), flush=True)
+    ix.maybe_save(0.0)  # snapshot after every write, so kills land inside saves too
+"""
+
+
+def test_kill_9_during_upserts_loses_no_acknowledged_write(tmp_path):
+    """A child upserts (and deletes) in a loop, printing each write before it starts and after it is
+    acknowledged; it is SIGKILLed at a random moment. After reopening, the store and the graph hold
+    the same keys, every acknowledged write is there, and the write in flight is all or nothing."""
+    path = tmp_path / "ix"
+    script = tmp_path / "child.py"
+    script.write_text(_CRASH_CHILD)
+    rng = random.Random(1234)
+    expected: dict[str, str] = {}  # id -> text of its last acknowledged upsert
+    deleted: set[str] = set()
+    for round_no in range(1, 4):
+        child = subprocess.Popen([sys.executable, str(script), str(path), str(round_no)],
+                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        assert child.stdout.readline().startswith("opened")
+        kill_after = rng.randint(8, 40)
+        lines: list[str] = []
+        while sum(x.startswith("ack") for x in lines) < kill_after:
+            line = child.stdout.readline()
+            assert line, child.stderr.read()
+            lines.append(line.strip())
+        threading.Event().wait(rng.uniform(0, 0.02))
+        os.kill(child.pid, signal.SIGKILL)
+        rest, _ = child.communicate()
+        lines += [x for x in rest.split("\n") if x]
+        in_flight = None
+        for line in lines:
+            kind, op, n, ids = line.split(" ", 3)
+            if kind == "plan":
+                in_flight = (op, f"v{round_no}-{n}", ids.split(","))
+                continue
+            in_flight = None
+            for i in ids.split(","):
+                if op == "upsert":
+                    expected[i] = f"v{round_no}-{n}"
+                    deleted.discard(i)
+                else:
+                    del expected[i]
+                    deleted.add(i)
+
+        with open_index(path, expansion_add=32) as index:
+            assert index.verify() == index.size  # store keys == graph keys
+            stored = index.get(list(expected) + list(deleted))
+            unsure = set(in_flight[2]) if in_flight else set()
+            for doc_id, text in expected.items():  # every acknowledged upsert is there...
+                assert doc_id in stored, (round_no, doc_id, index.opened_from)
+                assert stored[doc_id].text == text or doc_id in unsure
+            for doc_id in deleted:  # ...and every acknowledged delete
+                assert doc_id not in stored or doc_id in unsure
+            if in_flight:  # the write in flight was applied entirely or not at all
+                op, text, ids = in_flight
+                if op == "upsert":
+                    done = [i in stored and stored[i].text == text for i in ids]
+                else:
+                    done = [i not in stored for i in ids]
+                assert all(done) or not any(done), (in_flight, done)
+                for i in ids:
+                    if i in stored:
+                        expected[i] = stored[i].text
+                        deleted.discard(i)
+                    else:
+                        expected.pop(i, None)
+                        deleted.add(i)
+            assert index.size == len(expected)  # nothing else is stored
+
+
+def test_second_open_of_the_same_directory_is_refused(tmp_path):
+    with open_index(tmp_path / "ix"):
+        with pytest.raises(FailedPrecondition, match="in use by another process"):
+            open_index(tmp_path / "ix")
+
+
+def test_dimension_or_metric_mismatch_is_a_clear_error(tmp_path):
+    path = tmp_path / "ix"
+    with open_index(path) as index:
+        index.upsert(docs(3), unit_vectors(3))
+    with pytest.raises(FailedPrecondition, match=r"dimension 16 and metric 'cos'.*dimension 32"):
+        DocumentIndex.open(path, 32, IndexSettings())
+    with pytest.raises(FailedPrecondition, match=r"metric 'ip'"):
+        DocumentIndex.open(path, DIM, IndexSettings(metric="ip"))
+
+
+def test_changed_hnsw_settings_rebuild_the_graph(tmp_path):
+    path = tmp_path / "ix"
+    vectors = unit_vectors(100)
+    with open_index(path) as index:
+        index.upsert(docs(100), vectors)
+    with open_index(path, dtype="f16") as index:
+        assert "dtype 'f32' differs from 'f16'" in index.opened_from
+        assert index.search(vectors[3], 1).hits[0].id == "d3"
+    with open_index(path, dtype="f16") as index:
+        assert index.opened_from == "snapshot"
+
+
+# ---------------------------------------------------------------------------------------------
+# View mode
+# ---------------------------------------------------------------------------------------------
+
+
+def test_view_mode_searches_and_refuses_writes(tmp_path):
+    path = tmp_path / "ix"
+    vectors = unit_vectors(100)
+    with open_index(path) as index:
+        index.upsert(docs(100), vectors)
+    with open_index(path, view=True) as view:
+        assert view.read_only and view.opened_from == "snapshot (view)"
+        assert view.search(vectors[5], 1).hits[0].id == "d5"
+        with pytest.raises(FailedPrecondition, match="read-only"):
+            view.upsert(docs(1), vectors[:1])
+        with pytest.raises(FailedPrecondition, match="read-only"):
+            view.delete(["d1"])
+        assert view.size == 100
+        with open_index(path, view=True) as second:  # views share the directory
+            assert second.size == 100
+        with pytest.raises(FailedPrecondition, match="in use"):
+            open_index(path)
+
+
+def test_view_mode_refreshes_a_stale_snapshot(tmp_path):
+    path = tmp_path / "ix"
+    run_child("""
+        import sys, os, numpy as np
+        from twostage.server.index import DocumentIndex, IndexSettings, StoredDoc
+        ix = DocumentIndex.open(sys.argv[1], 16, IndexSettings())
+        v = np.random.default_rng(0).normal(size=(30, 16)).astype(np.float32)
+        ix.upsert([StoredDoc(f"d{i}", "t") for i in range(20)], v[:20])
+        ix.save()
+        ix.upsert([StoredDoc(f"d{i}", "t") for i in range(20, 30)], v[20:])
+        os._exit(0)
+    """, str(path))
+    with open_index(path, view=True) as view:
+        assert view.opened_from == "snapshot (view, refreshed)"
+        assert view.size == 30 and view.verify() == 30
+
+
+def test_view_of_missing_index_is_an_error(tmp_path):
+    with pytest.raises(FailedPrecondition, match="no index"):
+        open_index(tmp_path / "nothing", view=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# Metadata filter
+# ---------------------------------------------------------------------------------------------
+
+
+def test_json_equal_and_metadata_matches():
+    assert json_equal(3, 3.0) and json_equal([1, {"a": 2.0}], [1.0, {"a": 2}])
+    assert not json_equal(True, 1) and not json_equal(0, False) and not json_equal("1", 1)
+    assert json_equal(None, None) and not json_equal(None, 0)
+    assert not json_equal({"a": 1}, {"a": 1, "b": 2})
+    assert metadata_matches({"lang": "de", "year": 2020}, {"year": 2020.0})
+    assert not metadata_matches({"lang": "de"}, {"lang": "de", "year": 2020})
+    assert metadata_matches({"x": 1}, {})
+
+
+def filter_corpus(n: int = 5000, rare_every: int = 50):
+    vectors = clustered(n, 32, 40, seed=3)
+    batch = [StoredDoc(f"d{i}", f"t{i}", "", {"lang": "de" if i % rare_every == 0 else "en",
+                                               "year": 2000 + i % 7, "flag": 1, "tags": ["a", i % 2]})
+             for i in range(n)]
+    return vectors, batch
+
+
+def exact_filtered(vectors, batch, query, predicate, k):
+    keep = [i for i, d in enumerate(batch) if predicate(d.metadata)]
+    scores = vectors[keep] @ (query / np.linalg.norm(query))
+    return [batch[keep[j]].id for j in np.argsort(-scores)[:k]]
+
+
+def test_filter_correct_when_it_removes_98_percent(tmp_path):
+    vectors, batch = filter_corpus()  # 100 of 5000 documents have lang=de
+    queries = clustered(20, 32, 40, seed=4)
+    with open_index(tmp_path / "ix", dim=32) as index:
+        for start in range(0, len(batch), 1000):
+            index.upsert(batch[start:start + 1000], vectors[start:start + 1000])
+        strategies = set()
+        for q in queries:
+            result = index.search(q, 10, filter={"lang": "de"})
+            strategies.add(result.strategy)
+            ids = [h.id for h in result.hits]
+            assert len(ids) == 10 and not result.exhausted
+            assert all(int(i[1:]) % 50 == 0 for i in ids)  # no wrong documents
+            scores = [h.score for h in result.hits]
+            assert scores == sorted(scores, reverse=True)
+            truth = exact_filtered(vectors, batch, q, lambda m: m["lang"] == "de", 10)
+            if result.strategy == "scan":
+                assert ids == truth
+            else:
+                assert len(set(ids) & set(truth)) >= 9
+        # more wanted than exist: every matching document, flagged exhausted
+        result = index.search(queries[0], 150, filter={"lang": "de"})
+        assert result.exhausted and len(result.hits) == 100
+        assert {h.id for h in result.hits} == {f"d{i}" for i in range(0, 5000, 50)}
+        # numbers compare as JSON values: protobuf Struct sends 2003 as 2003.0
+        result = index.search(queries[1], 20, filter={"year": 2003.0, "lang": "de"})
+        assert result.hits and all(batch[int(h.id[1:])].metadata["year"] == 2003 for h in result.hits)
+        assert len(result.hits) == len([d for d in batch if d.metadata == {**d.metadata, "year": 2003, "lang": "de"}])
+        assert index.search(queries[1], 5, filter={"flag": True}).hits == []  # 1 is not true
+        assert index.search(queries[1], 5, filter={"tags": ["a", 1.0]}).hits
+        none = index.search(queries[1], 5, filter={"nokey": "x"})
+        assert none.hits == [] and none.exhausted
+        # an unselective filter stays on the HNSW path and still returns only matches
+        common = index.search(queries[2], 10, filter={"lang": "en"})
+        assert common.strategy == "ann" and all(int(h.id[1:]) % 50 for h in common.hits)
+        assert len(common.hits) == 10
+    assert strategies  # at least one path exercised (recorded for debugging)
+
+
+def test_filter_rejects_non_json(tmp_path):
+    with open_index(tmp_path / "ix") as index:
+        index.upsert(docs(3), unit_vectors(3))
+        with pytest.raises(InvalidArgument, match="filter"):
+            index.search(unit_vectors(1)[0], 2, filter={"a": object()})
+
+
+# ---------------------------------------------------------------------------------------------
+# Recall
+# ---------------------------------------------------------------------------------------------
+
+
+def test_hnsw_recall_vs_exact_on_clustered_vectors(tmp_path):
+    n, dim, k = 20_000, 384, 10
+    vectors = embedding_like(n, dim, 200, seed=7)
+    queries = embedding_like(100, dim, 200, seed=8)
+    with open_index(tmp_path / "ix", dim=dim) as index:  # default settings: expansion_search=128
+        batch = [StoredDoc(f"d{i}", "") for i in range(n)]
+        for start in range(0, n, 5000):
+            index.upsert(batch[start:start + 5000], vectors[start:start + 5000])
+        approx = index.search_batch(queries, k)
+        exact = index.exact_search_batch(queries, k)
+    recall = np.mean([len({h.id for h in a.hits} & {h.id for h in e.hits}) / k for a, e in zip(approx, exact)])
+    print(f"recall@{k} HNSW vs exact, {n} x {dim} clustered, expansion_search=128: {recall:.4f}")
+    assert recall >= 0.95
+
+
+# ---------------------------------------------------------------------------------------------
+# Concurrency
+# ---------------------------------------------------------------------------------------------
+
+
+def test_concurrent_searches_never_see_half_a_write(tmp_path):
+    pairs = 40
+    base = unit_vectors(pairs, seed=11)
+    stop = threading.Event()
+    errors: list[str] = []
+
+    def pair_docs(i: int, version: int) -> list[StoredDoc]:
+        return [StoredDoc(f"a{i}", f"v{version}"), StoredDoc(f"b{i}", f"v{version}")]
+
+    with open_index(tmp_path / "ix") as index:
+        for i in range(0, pairs, 2):  # the even pairs, which are never deleted
+            index.upsert(pair_docs(i, 0), np.stack([base[i], base[i]]))
+
+        def writer() -> None:
+            rng = random.Random(5)
+            try:
+                for version in range(1, 250):
+                    i = rng.randrange(pairs)
+                    if i % 2 and rng.random() < 0.3:  # odd pairs come and go; even ones stay once there
+                        index.delete([f"a{i}", f"b{i}"])
+                    else:
+                        index.upsert(pair_docs(i, version), np.stack([base[i], base[i]]))
+            finally:
+                stop.set()
+
+        def reader(seed: int) -> None:
+            rng = random.Random(seed)
+            while not stop.is_set():
+                i = rng.randrange(pairs)
+                hits = {h.id for h in index.search(base[i], 2).hits}
+                if len(hits & {f"a{i}", f"b{i}"}) == 1:
+                    errors.append(f"search saw half of pair {i}: {hits}")
+                if i % 2 == 0 and hits != {f"a{i}", f"b{i}"}:
+                    errors.append(f"search lost pair {i} while it was being replaced: {hits}")
+                got = index.get([f"a{i}", f"b{i}"])
+                if len(got) == 1 or (len(got) == 2 and got[f"a{i}"].text != got[f"b{i}"].text):
+                    errors.append(f"get saw half of pair {i}: {got}")
+
+        threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader, args=(s,)) for s in (1, 2)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(timeout=120)
+        assert not errors, errors[:3]
+        index.verify()
