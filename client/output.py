@@ -1,0 +1,125 @@
+"""How the CLI prints results: aligned text tables by default, JSON with --json."""
+from __future__ import annotations
+
+import json
+import shutil
+from typing import Any, Sequence, TextIO
+
+from twostage.client.client import Info, RerankResults, SearchResult, Timing, to_jsonable
+
+ELLIPSIS = "…"
+
+
+def terminal_width(default: int = 120) -> int:
+    return max(60, shutil.get_terminal_size((default, 24)).columns)
+
+
+def shorten(text: str, width: int) -> str:
+    """One line of at most `width` characters (newlines folded, an ellipsis where cut)."""
+    text = " ".join(text.split())
+    if width <= 0:
+        return ""
+    return text if len(text) <= width else text[: max(width - 1, 0)].rstrip() + ELLIPSIS
+
+
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, right: Sequence[str] = (),
+                 max_width: int | None = None, shrink: str | None = None) -> str:
+    """An aligned text table. Columns named in `right` are right-aligned; when the table is wider
+    than `max_width`, the column named `shrink` is cut down (with an ellipsis) to fit."""
+    cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
+    if max_width is not None and shrink in headers:
+        col = list(headers).index(shrink)
+        overflow = sum(widths) + 2 * (len(widths) - 1) - max_width
+        if overflow > 0:
+            widths[col] = max(len(headers[col]), widths[col] - overflow)
+            for r in cells[1:]:
+                r[col] = shorten(r[col], widths[col])
+    lines = []
+    for r in cells:
+        parts = [c.rjust(w) if h in right else c.ljust(w) for c, w, h in zip(r, widths, headers, strict=True)]
+        lines.append("  ".join(parts).rstrip())
+    lines.insert(1, "  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def format_score(value: float) -> str:
+    return f"{value:.4f}"
+
+
+def timing_line(timing: Timing) -> str:
+    """One line saying where the server spent the time."""
+    parts = [f"total {timing.total_ms:.1f} ms"]
+    if timing.embed.items:
+        parts.append(f"embed {timing.embed.inference_ms:.1f} ms")
+    if timing.ann_ms:
+        parts.append(f"ann {timing.ann_ms:.2f} ms")
+    if timing.rerank.items:
+        parts.append(f"rerank {timing.rerank.inference_ms:.1f} ms ({timing.rerank.items} pairs, "
+                     f"{timing.rerank.batches} batches)")
+    if timing.queue_ms:
+        parts.append(f"queued {timing.queue_ms:.1f} ms")
+    return ", ".join(parts)
+
+
+def search_table(result: SearchResult, *, width: int | None = None) -> str:
+    headers = ["rank", "id", "score", "rerank", "retrieval", "stage1", "text"]
+    rows = []
+    for rank, hit in enumerate(result.hits, 1):
+        doc = hit.document
+        text = "" if doc is None else (f"{doc.title}. {doc.text}" if doc.title else doc.text)
+        rows.append([rank, hit.id, format_score(hit.score),
+                     format_score(hit.rerank_score) if hit.reranked else "-",
+                     format_score(hit.retrieval_score), hit.retrieval_rank + 1, text])
+    table = format_table(headers, rows, right=("rank", "score", "rerank", "retrieval", "stage1"),
+                         max_width=width or terminal_width(), shrink="text")
+    summary = (f"{len(result.hits)} hits from {result.candidates} candidates, {result.reranked} reranked "
+               f"(scores: {result.score_kind}); {timing_line(result.timing)}")
+    if result.filter_exhausted:
+        summary += "\nnote: the filter matched fewer documents than requested"
+    return f"{table}\n{summary}"
+
+
+def rerank_table(results: RerankResults, texts: Sequence[str] = (), *, width: int | None = None) -> str:
+    """Rerank results; `texts` (the request's texts) fill in the text column when the server did not
+    return documents."""
+    headers = ["rank", "index", "id", "score", "text"]
+    rows = []
+    for rank, r in enumerate(results.results, 1):
+        text = r.text or (texts[r.index] if r.index < len(texts) else "")
+        if r.chunks > 1:
+            text = f"[best chunk {r.best_chunk + 1}/{r.chunks}] {text}"
+        if r.truncated:
+            text = f"[truncated] {text}"
+        rows.append([rank, r.index, r.id or "-", format_score(r.score), text])
+    table = format_table(headers, rows, right=("rank", "index", "score"), max_width=width or terminal_width(),
+                         shrink="text")
+    return f"{table}\n{len(results.results)} results (scores: {results.score_kind}); {timing_line(results.timing)}"
+
+
+def info_text(info: Info) -> str:
+    """A readable summary of Info."""
+    lines = [f"twostage server {info.server_version}"]
+    for m in (info.bi_encoder, info.cross_encoder):
+        detail = f"dim {m.dimension}, max {m.max_length} tokens"
+        if m.pooling:
+            detail += f", {m.pooling} pooling{', normalized' if m.normalize else ''}"
+        lines.append(f"  {m.role or 'model'}: {m.name} ({m.source}) {detail}; {m.quantization or 'no quantization'}; "
+                     f"{', '.join(m.providers) or 'no providers'}")
+    for name, b in (("embed", info.embed_batching), ("rerank", info.rerank_batching)):
+        state = "on" if b.enabled else "off"
+        lines.append(f"  {name} batching {state}: <= {b.max_batch_size} items / {b.max_batch_tokens} tokens per batch, "
+                     f"wait <= {b.max_delay_ms:g} ms, queue <= {b.max_queued_tokens} tokens")
+    ix = info.index
+    lines.append(f"  index: {ix.size} documents, dim {ix.dimension}, {ix.metric}/{ix.dtype}, M={ix.connectivity}, "
+                 f"ef_add={ix.expansion_add}, ef_search={ix.expansion_search}{', read-only' if ix.read_only else ''}")
+    d = info.defaults
+    lines.append(f"  defaults: top_k={d.top_k}, candidates={d.candidates}, chunk_overlap_tokens={d.chunk_overlap_tokens}")
+    lines.append("  limits: " + ", ".join(f"{k}={v}" for k, v in to_jsonable(info.limits).items()))
+    return "\n".join(lines)
+
+
+def print_json(value: Any, out: TextIO) -> None:
+    """Result dataclasses (or plain data) as indented JSON."""
+    json.dump(to_jsonable(value), out, indent=2, ensure_ascii=False)
+    out.write("\n")
