@@ -192,12 +192,9 @@ class Engine:
                            max_tokens: int = 0, truncate: bool = True, field_name: str = "texts") -> np.ndarray:
         limit = self.embedder.max_length if not max_tokens else min(max_tokens, self.embedder.max_length)
         t0 = time.perf_counter()
-        encoded = await asyncio.to_thread(tokenization.encode_texts, self.embedder.tokenizer, texts, limit)
+        encoded = await asyncio.to_thread(tokenization.encode_texts, self.embedder.tokenizer, texts, limit,
+                                          truncate=truncate, field=field_name)
         timing.embed.tokenize_ms += (time.perf_counter() - t0) * 1000.0
-        if not truncate:
-            for i, enc in enumerate(encoded):
-                if enc.truncated:
-                    raise InvalidArgument(f"{field_name}[{i}]", f"is longer than {limit} tokens and truncation is off")
         result = await self.embed_batcher.submit(encoded, deadline=deadline)
         timing.embed.add(result.stats)
         return np.asarray(result.outputs, dtype=np.float32)

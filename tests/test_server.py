@@ -157,14 +157,20 @@ def test_rerank_by_stored_ids_and_unknown_id(server):
 
 def test_long_document_mode_scores_by_best_chunk(server):
     filler = " ".join(f"Paragraph {i} talks about the weather in a small coastal town and its fishing boats." for i in range(60))
-    needle = "To reset a forgotten router password, hold the reset button for ten seconds."
-    long_doc = filler + " " + needle
-    plain = server.stub().Rerank(pb.RerankRequest(query="how do I reset my router password", texts=[long_doc]), timeout=60)
-    chunked = server.stub().Rerank(pb.RerankRequest(query="how do I reset my router password", texts=[long_doc],
-                                                    chunk_long_documents=True), timeout=60)
-    assert plain.results[0].truncated
-    assert chunked.results[0].chunks > 1 and chunked.results[0].best_chunk == chunked.results[0].chunks - 1
-    assert chunked.results[0].score > plain.results[0].score + 0.3
+    needle = ("Router password reset guide: to reset a forgotten router password, hold the reset button on the back "
+              "of the router for ten seconds, then log in with the default password printed on its label.")
+    query = "how do I reset my router password"
+    stub = server.stub()
+    plain = stub.Rerank(pb.RerankRequest(query=query, texts=[filler + " " + needle, filler]), timeout=60)
+    chunked = stub.Rerank(pb.RerankRequest(query=query, texts=[filler + " " + needle, filler],
+                                           chunk_long_documents=True, raw_scores=True), timeout=60)
+    by_index = {r.index: r for r in plain.results}
+    assert by_index[0].truncated and by_index[1].truncated
+    # truncated to the model limit, the needle is cut off: both documents look alike
+    assert abs(by_index[0].score - by_index[1].score) < 0.05
+    best = {r.index: r for r in chunked.results}
+    assert best[0].chunks > 1 and best[0].best_chunk == best[0].chunks - 1  # the needle is in the last chunk
+    assert chunked.results[0].index == 0 and best[0].score > best[1].score + 3.0  # logits
 
 
 def _scrape(port: int) -> str:
