@@ -24,6 +24,19 @@ Manifest fields (``FORMAT`` = "twostage-model/1")::
     opset, onnxruntime_version, tool_versions {..},
     gate {passed, reference, calibration, pairs, metrics{..}, thresholds{..}},
     files {relative path: sha256}    # every file in the directory except manifest.json
+
+Optional fields written by `twostage export` (readers must not require them)::
+
+    source.format ("checkpoint"|"onnx"), source.onnx_file, source.package_version,
+    quantization.applied_by ("twostage export"|"source"), quantization.activation_type,
+    quantization.op_types, quantization.reason (why none),
+    optimization {fp32 {tool, model_type, opt_level, fused{op: count}}, pre_quantization, int8},
+    pooling_origin (the config file pooling was read from, or "default"),
+    gate.candidate, gate.checked {metric: threshold name}, gate.failures [..],
+    gate.served (the reference name, when the gate failed and the reference is served),
+    facts {model_type},
+    fingerprint (sha256 of fingerprint_inputs: source revision, options, calibration, tool versions),
+    fingerprint_inputs {..}
 """
 from __future__ import annotations
 

@@ -1,0 +1,402 @@
+"""One export, source to verified model directory, and the model set (bi-encoder + cross-encoder).
+
+    source --(1) export to ONNX / validate--> graph --(2) optimize--> model_fp32.onnx
+           --(3) quantize--> model.onnx --(4) accuracy gate--> (5) manifest.json, atomic rename
+
+Work happens in `.tmp-<role>-<pid>-*` directories beside the target, renamed into place only once the
+manifest verifies, so a crash never leaves a half-written model directory. A re-run whose inputs
+(source revision, configuration, options, calibration set, tool versions) are unchanged and whose output
+still verifies is skipped.
+"""
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import importlib.metadata
+import json
+import os
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterator, TextIO
+
+from . import gate as gates
+from .cpu import detect_target, target_settings
+from .errors import ExportError, GateFailed
+from .manifest import FORMAT as MANIFEST_FORMAT, MANIFEST_NAME, ROLES, ManifestError, sha256_file, verify_model_dir, \
+    write_manifest
+from .modelinfo import (TOKENIZER_FILES, choose_positive_label, copy_tokenizer_files, ensure_fast_tokenizer,
+                        label_names, read_json, read_max_length, read_pooling)
+from .sources import Source
+
+# Bump when the steps change in a way that should rebuild existing model directories.
+EXPORTER_VERSION = 1
+TOOL_PACKAGES = ("twostage", "onnxruntime", "onnx", "optimum", "optimum-onnx", "transformers", "torch",
+                 "tokenizers", "huggingface_hub", "numpy")
+MODEL_FILE, FP32_FILE, TOKENIZER_FILE = "model.onnx", "model_fp32.onnx", "tokenizer.json"
+STEPS = 5
+
+
+@dataclass(frozen=True)
+class ExportOptions:
+    quantize: bool = True
+    target: str = "auto"  # a cpu.TARGETS name, or auto: the CPU running the export
+    opset: int | None = None  # None: optimum's default for the architecture
+    thresholds: gates.Thresholds = field(default_factory=gates.Thresholds)
+    calibration: Path | None = None  # None: the built-in set
+    keep_fp32_on_gate_failure: bool = False
+    force: bool = False
+
+    def resolved_target(self) -> str:
+        return detect_target() if self.target == "auto" else target_settings(self.target).name
+
+
+@dataclass(frozen=True)
+class ModelFacts:
+    """What the served model needs that is read from the source's configuration."""
+
+    max_length: int
+    pooling: str | None = None
+    normalize: bool = False
+    pooling_origin: str | None = None
+    labels: list[str] | None = None  # None until known (an ONNX source without config.json)
+    model_type: str | None = None
+
+
+@dataclass(frozen=True)
+class ExportResult:
+    role: str
+    path: Path
+    skipped: bool
+    manifest: dict[str, Any]
+    seconds: float
+
+
+class Progress:
+    """Step lines with timings on stderr: `[bi-encoder] 2/5 optimizing ... 3.1 s`."""
+
+    def __init__(self, role: str, stream: TextIO | None = None):
+        self.role = role
+        self.stream = stream
+
+    def say(self, text: str) -> None:
+        print(f"[{self.role}] {text}", file=self.stream or sys.stderr, flush=True)
+
+    @contextlib.contextmanager
+    def step(self, number: int, text: str) -> Iterator[None]:
+        self.say(f"{number}/{STEPS} {text} ...")
+        start = time.perf_counter()
+        yield
+        self.say(f"{number}/{STEPS} {text} ... {time.perf_counter() - start:.1f} s")
+
+
+def tool_versions() -> dict[str, str | None]:
+    versions: dict[str, str | None] = {}
+    for package in TOOL_PACKAGES:
+        try:
+            versions[package] = importlib.metadata.version(package)
+        except importlib.metadata.PackageNotFoundError:
+            versions[package] = None
+    return versions
+
+
+def source_manifest(source: Source) -> dict[str, Any] | None:
+    """The manifest of a twostage model directory used as an ONNX source, if it is one."""
+    data = read_json(source.path / MANIFEST_NAME) if source.format == "onnx" else None
+    return data if isinstance(data, dict) and data.get("format") == MANIFEST_FORMAT else None
+
+
+def read_facts(source: Source) -> ModelFacts:
+    """Pooling, normalization, max_length and labels from the source's configuration files."""
+    previous = source_manifest(source)
+    if previous is not None:
+        if previous.get("role") != source.role:
+            raise ExportError(f"{source.path / MANIFEST_NAME}: a {previous.get('role')} directory cannot be "
+                              f"exported as the {source.role}")
+        return ModelFacts(previous["max_length"], previous.get("pooling"), bool(previous.get("normalize")),
+                          f"{source.path / MANIFEST_NAME}", previous.get("labels"),
+                          (previous.get("facts") or {}).get("model_type"))
+    hf_config = read_json(source.path / "config.json")
+    if hf_config is not None and not isinstance(hf_config, dict):
+        raise ExportError(f"{source.path / 'config.json'}: expected a JSON object")
+    max_length = read_max_length(source.path, source.role, hf_config)
+    model_type = (hf_config or {}).get("model_type")
+    if source.role == "bi-encoder":
+        info = read_pooling(source.path)
+        return ModelFacts(max_length, info.pooling, info.normalize, info.origin, None, model_type)
+    labels = None
+    if hf_config and (hf_config.get("id2label") or hf_config.get("num_labels")):
+        count = len(hf_config.get("id2label") or {}) or int(hf_config["num_labels"])
+        labels = label_names(hf_config, count)
+    return ModelFacts(max_length, None, False, None, labels, model_type)
+
+
+def source_files_digest(source: Source) -> dict[str, str]:
+    """sha256 of the small files that shape the export besides the weights (tokenizer, configs)."""
+    names = list(TOKENIZER_FILES) + ["config.json", "modules.json", "sentence_bert_config.json",
+                                     "1_Pooling/config.json", MANIFEST_NAME]
+    return {name: sha256_file(source.path / name) for name in names if (source.path / name).is_file()}
+
+
+def fingerprint_inputs(source: Source, facts: ModelFacts, options: ExportOptions, target: str,
+                       calibration_sha: str) -> dict[str, Any]:
+    return {
+        "exporter_version": EXPORTER_VERSION, "role": source.role,
+        "source": {"kind": source.kind, "id": source.id, "revision": source.revision, "format": source.format,
+                   "onnx_file": source.onnx_file.name if source.onnx_file else None,
+                   "files": source_files_digest(source)},
+        "facts": asdict(facts),
+        "options": {"quantize": options.quantize, "target": target, "opset": options.opset,
+                    "thresholds": asdict(options.thresholds),
+                    "keep_fp32_on_gate_failure": options.keep_fp32_on_gate_failure},
+        "calibration_sha256": calibration_sha, "tools": tool_versions(),
+    }
+
+
+def fingerprint(inputs: dict[str, Any]) -> str:
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True).encode()).hexdigest()
+
+
+def up_to_date(target_dir: Path, role: str, wanted: str) -> tuple[bool, str]:
+    """Whether target_dir verifies and was made from the same inputs. Returns (up to date, why not)."""
+    if not target_dir.exists():
+        return False, "no previous export"
+    try:
+        existing = verify_model_dir(target_dir, role)
+    except ManifestError as exc:
+        return False, f"previous export does not verify ({exc})"
+    if existing.manifest.get("fingerprint") != wanted:
+        return False, "inputs changed since the previous export"
+    return True, ""
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_staging(out_dir: Path, role: str) -> None:
+    """Delete `.tmp-<role>-<pid>-*` directories left by exports that died."""
+    prefix = f".tmp-{role}-"
+    for path in out_dir.glob(prefix + "*"):
+        pid_text = path.name[len(prefix):].split("-", 1)[0]
+        if path.is_dir() and pid_text.isdigit() and not _pid_alive(int(pid_text)):
+            shutil.rmtree(path, ignore_errors=True)
+
+
+def _directory_mode() -> int:
+    umask = os.umask(0)
+    os.umask(umask)
+    return 0o777 & ~umask
+
+
+def replace_directory(staging: Path, target: Path) -> None:
+    """Move the finished staging directory onto target (the previous version is removed afterwards)."""
+    old = None
+    if target.exists():
+        old = target.with_name(f".tmp-{target.name}-{os.getpid()}-old")
+        if old.exists():
+            shutil.rmtree(old)
+        os.rename(target, old)
+    os.rename(staging, target)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+
+
+def export_model(source: Source, out_dir: Path, options: ExportOptions,
+                 calibration: gates.Calibration | None = None, stream: TextIO | None = None) -> ExportResult:
+    """Export one model into out_dir/<role>/ (skipped when up to date). Raises ExportError / GateFailed."""
+    started = time.perf_counter()
+    role = source.role
+    progress = Progress(role, stream)
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    target_dir = out_dir / role
+    cal = calibration if calibration is not None else gates.load_calibration(options.calibration)
+    facts = read_facts(source)
+    target = options.resolved_target()
+    inputs = fingerprint_inputs(source, facts, options, target, cal.sha256)
+    wanted = fingerprint(inputs)
+    if not options.force:
+        current, why = up_to_date(target_dir, role, wanted)
+        if current:
+            progress.say(f"up to date: {target_dir} (same source revision, options and tools; --force rebuilds)")
+            manifest = verify_model_dir(target_dir, role).manifest
+            return ExportResult(role, target_dir, True, manifest, time.perf_counter() - started)
+        progress.say(f"exporting: {why}")
+    remove_stale_staging(out_dir, role)
+    staging = Path(tempfile.mkdtemp(prefix=f".tmp-{role}-{os.getpid()}-", dir=out_dir))
+    staging.chmod(_directory_mode())  # mkdtemp makes it owner-only; the model directory is meant to be shared
+    work = Path(tempfile.mkdtemp(prefix=f".tmp-{role}-{os.getpid()}-work-", dir=out_dir))
+    try:
+        manifest = build(source, facts, staging, work, options, target, cal, progress)
+        manifest["fingerprint"] = wanted
+        manifest["fingerprint_inputs"] = inputs
+        with progress.step(5, "writing manifest"):
+            shutil.rmtree(work, ignore_errors=True)
+            write_manifest(staging, manifest)
+            verify_model_dir(staging, role)
+            replace_directory(staging, target_dir)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+        if staging.exists():
+            shutil.rmtree(staging, ignore_errors=True)
+    written = verify_model_dir(target_dir, role).manifest
+    seconds = time.perf_counter() - started
+    progress.say(f"wrote {target_dir} in {seconds:.1f} s")
+    return ExportResult(role, target_dir, False, written, seconds)
+
+
+def copy_tokenizer(source: Source, staging: Path) -> None:
+    """Tokenizer files (and config.json, for provenance) from the source; make sure tokenizer.json exists."""
+    dirs = [source.path]
+    if source.onnx_file is not None:
+        dirs += [source.onnx_file.parent, source.onnx_file.parent.parent]
+    copy_tokenizer_files(dirs, staging)
+    ensure_fast_tokenizer(source.path, staging)
+    if (source.path / "config.json").is_file():
+        shutil.copyfile(source.path / "config.json", staging / "config.json")
+
+
+def probe_labels(source: Source, facts: ModelFacts, graph: Path, output: str, tokenizer: Path) -> list[str]:
+    """Cross-encoder labels: from config.json, else one LABEL_i per logit of a sample run."""
+    model = gates.OnnxModel(graph, output)
+    logits = model.logits(gates.load_tokenizer(tokenizer, facts.max_length),
+                          [("sample query", "a sample passage"), ("another", "text")])
+    count = logits.shape[1]
+    if facts.labels is not None:
+        if len(facts.labels) != count:
+            raise ExportError(f"{graph}: outputs {count} logits but the configuration names {len(facts.labels)} "
+                              f"labels {facts.labels}")
+        return facts.labels
+    return [f"LABEL_{i}" for i in range(count)]
+
+
+def probe_embeddings(graph: Path, output: str, tokenizer: Path, facts: ModelFacts) -> None:
+    """Run a sample through a bi-encoder graph (shape errors surface here, naming the file)."""
+    model = gates.OnnxModel(graph, output)
+    model.embed(gates.load_tokenizer(tokenizer, facts.max_length), ["a sample sentence", "another"],
+                facts.pooling or "mean", facts.normalize)
+
+
+def build(source: Source, facts: ModelFacts, staging: Path, work: Path, options: ExportOptions, target: str,
+          cal: gates.Calibration, progress: Progress) -> dict[str, Any]:
+    """Steps 1-4 into staging; returns the manifest (without files/fingerprint)."""
+    from . import onnx_ops
+
+    role = source.role
+    copy_tokenizer(source, staging)
+    tokenizer = staging / TOKENIZER_FILE
+    # 1. A graph to start from.
+    if source.format == "checkpoint":
+        task = "feature-extraction" if role == "bi-encoder" else "text-classification"
+        with progress.step(1, f"exporting to ONNX (optimum, task {task})"):
+            raw = onnx_ops.export_checkpoint(source.path, work / "export", role, options.opset)
+            info = onnx_ops.inspect_onnx(raw)
+            output = onnx_ops.served_output(info, role)
+    else:
+        raw = source.onnx_file
+        with progress.step(1, f"validating source ONNX {raw.name}"):
+            onnx_ops.check_onnx(raw)
+            info = onnx_ops.inspect_onnx(raw)
+            output = onnx_ops.served_output(info, role)
+    if role == "cross-encoder":
+        labels = probe_labels(source, facts, raw, output, tokenizer)
+    else:
+        probe_embeddings(raw, output, tokenizer, facts)
+        labels = None
+    if options.opset is not None and source.format == "onnx" and info.opset != options.opset:
+        progress.say(f"note: --opset {options.opset} applies to checkpoint exports; the source ONNX keeps opset "
+                     f"{info.opset}")
+    source_reference = "source-onnx" if source.format == "onnx" else "exported-onnx"
+
+    # 2. Optimize; 3. quantize.
+    fp32_file: str | None = FP32_FILE
+    if info.quantized:
+        with progress.step(2, "optimizing (ONNX Runtime basic level; the source is already int8)"):
+            optimization = {"int8": onnx_ops.ort_basic_optimize(raw, staging / MODEL_FILE)}
+        progress.say(f"3/{STEPS} quantizing: skipped, {raw.name} is already quantized")
+        quantization = onnx_ops.describe_source_quantization(raw)
+        fp32_file = None
+        reference, reference_name, candidate_name = raw, source_reference, "optimized-int8"
+    else:
+        with progress.step(2, "optimizing (transformer fusions)"):
+            optimization = {"fp32": onnx_ops.fuse_transformer(raw, staging / FP32_FILE, facts.model_type)}
+            if options.quantize:
+                optimization["pre_quantization"] = onnx_ops.prepare_for_quantization(raw, work / "prequant.onnx")
+        if options.quantize:
+            settings = target_settings(target)
+            with progress.step(3, f"quantizing (dynamic int8, {settings.weight_type} per-channel weights, "
+                                  f"target {target})"):
+                quantization = onnx_ops.quantize_int8(work / "prequant.onnx", staging / MODEL_FILE, settings)
+            reference, reference_name, candidate_name = staging / FP32_FILE, "fp32-optimized", "int8"
+        else:
+            progress.say(f"3/{STEPS} quantizing: skipped (--no-quantize)")
+            os.replace(staging / FP32_FILE, staging / MODEL_FILE)
+            fp32_file = None
+            quantization = {"mode": "none", "reason": "--no-quantize", "target": None, "per_channel": None,
+                            "reduce_range": None, "weight_type": None}
+            reference, reference_name, candidate_name = raw, source_reference, "fp32-optimized"
+
+    # 4. Accuracy gate.
+    positive = choose_positive_label(labels) if labels is not None else 0
+    subject = gates.GateSubject(role, tokenizer, facts.max_length, output, facts.pooling, facts.normalize, positive)
+    with progress.step(4, f"accuracy gate ({reference_name} vs {candidate_name}, "
+                          f"{len(cal.queries)} queries, {len(cal.pairs)} pairs)"):
+        figures, dimension = gates.measure(subject, reference, staging / MODEL_FILE, cal)
+        gate = gates.gate_record(role, reference_name, candidate_name, cal, figures, options.thresholds)
+    progress.say(f"gate {'passed' if gate['passed'] else 'FAILED'}: {gates.format_figures(figures)}")
+    if not gate["passed"]:
+        problem = "; ".join(gate["failures"])
+        if not options.keep_fp32_on_gate_failure:
+            raise GateFailed(
+                f"{role}: accuracy gate failed ({candidate_name} vs {reference_name} on calibration "
+                f"{cal.name}): {problem}. Figures: {gates.format_figures(figures)}. Lower the thresholds, "
+                "pass --keep-fp32-on-gate-failure to serve the reference model, or --no-quantize.", gate)
+        progress.say(f"gate failed ({problem}); --keep-fp32-on-gate-failure: serving the reference "
+                     f"({reference_name}) as {MODEL_FILE}")
+        if reference == staging / FP32_FILE:
+            os.replace(staging / FP32_FILE, staging / MODEL_FILE)
+            quantization = {"mode": "none", "reason": f"accuracy gate failed: {problem}", "target": None,
+                            "per_channel": None, "reduce_range": None, "weight_type": None}
+        else:
+            shutil.copyfile(reference, staging / MODEL_FILE)
+            if info.quantized:
+                quantization = {**onnx_ops.describe_source_quantization(raw),
+                                "note": f"optimized graph failed the gate ({problem}); the source is served"}
+            else:
+                quantization = {"mode": "none", "reason": f"accuracy gate failed: {problem}", "target": None,
+                                "per_channel": None, "reduce_range": None, "weight_type": None}
+        fp32_file = None
+        gate["served"] = reference_name
+
+    served = onnx_ops.inspect_onnx(staging / MODEL_FILE)
+    import onnxruntime
+
+    return {
+        "role": role, "task": ROLES[role], "name": source.name, "source": source.manifest_record(),
+        "model_file": MODEL_FILE, "fp32_file": fp32_file, "tokenizer_file": TOKENIZER_FILE,
+        "inputs": served.inputs, "output": output, "max_length": facts.max_length, "dimension": dimension,
+        "pooling": facts.pooling if role == "bi-encoder" else None,
+        "normalize": facts.normalize if role == "bi-encoder" else False,
+        "pooling_origin": facts.pooling_origin,
+        "labels": labels, "positive_label": positive if role == "cross-encoder" else None,
+        "quantization": quantization, "optimization": optimization, "opset": served.opset,
+        "onnxruntime_version": onnxruntime.__version__, "tool_versions": tool_versions(),
+        "gate": gate, "facts": {"model_type": facts.model_type},
+    }
+
+
+def export_model_set(out_dir: Path, sources: list[Source], options: ExportOptions,
+                     stream: TextIO | None = None) -> list[ExportResult]:
+    """Export each source into out_dir/<role>/ (one calibration set for all)."""
+    cal = gates.load_calibration(options.calibration)
+    return [export_model(source, out_dir, options, cal, stream) for source in sources]
