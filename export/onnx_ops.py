@@ -93,6 +93,18 @@ def inspect_onnx(path: Path) -> OnnxInfo:
     return OnnxInfo(Path(path), inputs, outputs, opset, dict(counts))
 
 
+def position_table_size(path: Path) -> int | None:
+    """Rows of the position-embedding table (the longest input the graph accepts), found by initializer
+    name; None when the graph has no recognizable table."""
+    import onnx
+
+    model = onnx.load(str(path), load_external_data=False)
+    for init in model.graph.initializer:
+        if "position_embeddings" in init.name and len(init.dims) == 2:
+            return int(init.dims[0])
+    return None
+
+
 def check_onnx(path: Path) -> None:
     """onnx.checker on the file (by path, so large models with external data work)."""
     import onnx
@@ -235,7 +247,8 @@ def describe_source_quantization(path: Path) -> dict[str, Any]:
     for node in model.graph.node:
         if node.op_type == "MatMulInteger" and len(node.input) > 1 and node.input[1] in inits:
             weight_types.add("int8" if inits[node.input[1]].data_type == onnx.TensorProto.INT8 else "uint8")
-            if len(node.input) > 3 and node.input[3] in inits:
+            columns = inits[node.input[1]].dims[-1] if inits[node.input[1]].dims else 1
+            if len(node.input) > 3 and node.input[3] in inits and columns > 1:  # one column tells nothing
                 per_channel.add(int(np.prod(inits[node.input[3]].dims)) > 1)
     return {"mode": "dynamic-int8", "applied_by": "source", "target": None,
             "per_channel": per_channel.pop() if len(per_channel) == 1 else None, "reduce_range": None,

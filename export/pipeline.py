@@ -19,7 +19,7 @@ import shutil
 import sys
 import tempfile
 import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
@@ -308,6 +308,11 @@ def build(source: Source, facts: ModelFacts, staging: Path, work: Path, options:
             onnx_ops.check_onnx(raw)
             info = onnx_ops.inspect_onnx(raw)
             output = onnx_ops.served_output(info, role)
+    table = onnx_ops.position_table_size(raw)
+    if table is not None and table < facts.max_length and source.format == "onnx":
+        # Without config.json nothing else caps the tokenizer's max_length (e.g. the graph's 128 positions).
+        progress.say(f"max_length {facts.max_length} capped at the graph's {table} positions")
+        facts = replace(facts, max_length=table)
     if role == "cross-encoder":
         labels = probe_labels(source, facts, raw, output, tokenizer)
     else:

