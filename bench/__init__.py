@@ -1,0 +1,1 @@
+"""Benchmarks for twostage (run from the repository root: `python -m bench.<name>`). See bench/README.md."""
