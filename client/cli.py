@@ -225,7 +225,8 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--skip-rerank", action="store_true",
                         help="stage 1 only: rank by bi-encoder similarity, no cross-encoder (default: rerank)")
     parser.add_argument("--filter", type=_json_object, default=None, metavar="JSON",
-                        help='metadata equality filter as a JSON object, e.g. \'{"topic": "astronomy"}\' (default: none)')
+                        help='metadata equality filter as a JSON object, e.g. \'{"topic": "astronomy"}\' '
+                             '(default: none)')
     parser.add_argument("--ids-only", action="store_true",
                         help="return ids and scores only, no text or metadata (default: full documents)")
     parser.add_argument("--rerank-budget-ms", type=_non_negative, default=0,

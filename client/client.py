@@ -578,7 +578,8 @@ class Client:
         """Bi-encoder embeddings, one per text, in order."""
         return embed_result_from_proto(self._call("Embed", embed_request(texts, truncate=truncate), timeout))
 
-    def upsert(self, documents: Iterable[Document | Mapping[str, Any]], *, timeout: float | None = None) -> UpsertResult:
+    def upsert(self, documents: Iterable[Document | Mapping[str, Any]], *,
+               timeout: float | None = None) -> UpsertResult:
         """Insert or replace documents (Document objects or dicts with id/_id, text, title, metadata, embedding)."""
         return upsert_result_from_proto(self._call("Upsert", upsert_request(documents), timeout))
 

@@ -172,8 +172,10 @@ def format_summary(summary: Summary, *, top_k: int, candidates: int) -> str:
     n = summary.queries
     return "\n".join([
         f"{n} queries, top {top_k} of {candidates} candidates ({MARK} = the known right answer)",
-        f"  bi-encoder only: right answer first for {summary.bi_encoder_at_1}/{n}, MRR@{top_k} {summary.bi_encoder_mrr:.3f}",
-        f"  reranked:        right answer first for {summary.reranked_at_1}/{n}, MRR@{top_k} {summary.reranked_mrr:.3f}",
+        f"  bi-encoder only: right answer first for {summary.bi_encoder_at_1}/{n}, "
+        f"MRR@{top_k} {summary.bi_encoder_mrr:.3f}",
+        f"  reranked:        right answer first for {summary.reranked_at_1}/{n}, "
+        f"MRR@{top_k} {summary.reranked_mrr:.3f}",
         f"  reranking moved the right answer up for {summary.improved} queries and down for {summary.worsened}",
     ])
 
@@ -388,7 +390,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="BEIR-style JSONL corpus with _id, title, text, metadata "
                              "(default: the packaged sample corpus, 200 passages)")
     parser.add_argument("--queries", type=Path, default=None,
-                        help='JSONL queries {"_id", "text", "relevant": [ids]} (default: the packaged 12 sample queries)')
+                        help='JSONL queries {"_id", "text", "relevant": [ids]} '
+                             '(default: the packaged 12 sample queries)')
     parser.add_argument("--top-k", type=int, default=5, help="hits shown per query and list (default: 5)")
     parser.add_argument("--candidates", type=int, default=50,
                         help="stage-1 candidates, the same pool for both lists (default: 50)")

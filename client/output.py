@@ -114,7 +114,8 @@ def info_text(info: Info) -> str:
     lines.append(f"  index: {ix.size} documents, dim {ix.dimension}, {ix.metric}/{ix.dtype}, M={ix.connectivity}, "
                  f"ef_add={ix.expansion_add}, ef_search={ix.expansion_search}{', read-only' if ix.read_only else ''}")
     d = info.defaults
-    lines.append(f"  defaults: top_k={d.top_k}, candidates={d.candidates}, chunk_overlap_tokens={d.chunk_overlap_tokens}")
+    lines.append(f"  defaults: top_k={d.top_k}, candidates={d.candidates}, "
+                 f"chunk_overlap_tokens={d.chunk_overlap_tokens}")
     lines.append("  limits: " + ", ".join(f"{k}={v}" for k, v in to_jsonable(info.limits).items()))
     return "\n".join(lines)
 

@@ -110,7 +110,8 @@ def run_cli(argv, capsys):
 
 
 def test_top_level_help_lists_commands_without_importing_heavy_modules():
-    script = ("import sys\nfrom twostage.client import cli\ntry:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
+    script = ("import sys\nfrom twostage.client import cli\n"
+              "try:\n    cli.main(['--help'])\nexcept SystemExit:\n    pass\n"
               "heavy = sorted(m for m in sys.modules if m.split('.')[0] in ('grpc', 'torch', 'onnxruntime', 'numpy')\n"
               "               or m.startswith(('twostage.server', 'twostage.export', 'twostage.client.client')))\n"
               "print('HEAVY', heavy)")
@@ -269,13 +270,15 @@ def test_demo_indexes_compares_and_stops(tmp_path):
     server = FakeServer()
     svc = server.service
     corpus = write_jsonl(tmp_path / "corpus.jsonl", [
-        {"_id": f"d{i}", "title": f"T{i}", "text": f"text number {i}", "metadata": {"topic": "t"}} for i in range(1, 71)])
+        {"_id": f"d{i}", "title": f"T{i}", "text": f"text number {i}", "metadata": {"topic": "t"}}
+        for i in range(1, 71)])
     queries = write_jsonl(tmp_path / "queries.jsonl", [
         {"_id": "q1", "text": "first query", "relevant": ["d2"]},
         {"_id": "q2", "text": "second query", "relevant": ["d9"]},
         {"_id": "q3", "text": "third query", "relevant": ["d5"]},
     ])
-    svc.stage1 = {"first query": ["d1", "d2", "d3"], "second query": ["d9", "d8", "d7", "d6"], "third query": ["d4", "d5"]}
+    svc.stage1 = {"first query": ["d1", "d2", "d3"], "second query": ["d9", "d8", "d7", "d6"],
+                  "third query": ["d4", "d5"]}
     svc.reranked = {"first query": ["d2", "d1", "d3"], "second query": ["d8", "d7", "d6"],
                     "third query": ["d5", "d4"]}
     prepared = []

@@ -244,8 +244,8 @@ def test_runtime_install_in_fresh_venv_has_no_torch(stages, tmp_path):
     no_torch = run(str(python), "-c", "import torch")
     assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
     assert run(str(python), "-c", "import transformers").returncode != 0
-    imports = run(str(python), "-c", "import twostage.server, twostage.v1, twostage.server.app, twostage.client.client, "
-                                        "grpc_health.v1.health_pb2")
+    imports = run(str(python), "-c", "import twostage.server, twostage.v1, twostage.server.app, "
+                                     "twostage.client.client, grpc_health.v1.health_pb2")
     assert imports.returncode == 0, imports.stderr
     help_out = run(str(venv / "bin" / "twostage"), "--help")
     assert help_out.returncode == 0 and "serve" in help_out.stdout
