@@ -53,6 +53,8 @@ class ModelTokenizer:
     """A fast tokenizer with padding/truncation disabled and its special-token layout probed once."""
 
     def __init__(self, tokenizer: Tokenizer, source: str = "<tokenizer>"):
+        padding = tokenizer.padding  # read the pad id before switching padding off
+        self.pad_id = padding["pad_id"] if padding else _pad_id_by_name(tokenizer)
         tokenizer.no_padding()
         tokenizer.no_truncation()
         self.tokenizer = tokenizer
@@ -61,7 +63,6 @@ class ModelTokenizer:
         self.pair_layout = _probe_layout(tokenizer, pair=True, source=source)
         self.single_specials = sum(1 for kind, _, _ in self.single_layout if kind == "special")
         self.pair_specials = sum(1 for kind, _, _ in self.pair_layout if kind == "special")
-        self.pad_id = _pad_id(tokenizer)
 
     @classmethod
     def from_file(cls, path: str | Path) -> "ModelTokenizer":
@@ -108,7 +109,7 @@ def _probe_layout(tokenizer: Tokenizer, pair: bool, source: str) -> list[Slot]:
     return layout
 
 
-def _pad_id(tokenizer: Tokenizer) -> int:
+def _pad_id_by_name(tokenizer: Tokenizer) -> int:
     for token in ("[PAD]", "<pad>", "<PAD>"):
         token_id = tokenizer.token_to_id(token)
         if token_id is not None:
