@@ -1,10 +1,10 @@
 """`twostage demo`: from nothing to a side-by-side view of bi-encoder-only and reranked results.
 
-Steps: export the packaged models into --models unless they are there already, start a server on a
-free loopback port (in-process through `twostage.server.app.serve_in_background` when available,
-else `python -m twostage.client.cli serve` as a subprocess), upsert the sample corpus into a fresh
-index, run each sample query twice (skip_rerank, then reranked, same candidate pool) and report at
-which rank each finds the known right answer. The server is stopped on the way out.
+Steps: export the packaged models into --models unless they are there already, start the server in
+this process on a free loopback port (`twostage.server.app.serve_in_background`), upsert the sample
+corpus into a fresh index, run each sample query twice (skip_rerank, then reranked, over the same
+candidate pool) and report at which rank each finds the known right answer. The server is stopped on
+the way out.
 """
 from __future__ import annotations
 
@@ -12,17 +12,14 @@ import argparse
 import asyncio
 import contextlib
 import json
-import socket
-import subprocess
 import sys
 import tempfile
-import time
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Protocol, Sequence, TextIO
 
-from twostage.client.client import AsyncClient, SearchHit, TwoStageError
+from twostage.client.client import AsyncClient, SearchHit
 from twostage.client.output import format_score, shorten, terminal_width
 
 UPSERT_BATCH = 64
@@ -240,86 +237,26 @@ StartServer = Callable[[Path, Path], Awaitable[DemoServer]]
 
 @dataclass
 class _InProcessServer:
-    running: Any
+    running: Any  # twostage.server.app.RunningServer
     target: str
 
     async def stop(self) -> None:
         await self.running.stop()
 
 
-@dataclass
-class _SubprocessServer:
-    process: subprocess.Popen
-    target: str
-    log_path: Path
-
-    async def stop(self) -> None:
-        if self.process.poll() is None:
-            self.process.terminate()
-            try:
-                await asyncio.to_thread(self.process.wait, 30)
-            except subprocess.TimeoutExpired:
-                self.process.kill()
-                await asyncio.to_thread(self.process.wait)
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def log_tail(path: Path, lines: int = 20) -> str:
-    with contextlib.suppress(OSError):
-        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
-    return ""
-
-
-async def start_server(models: Path, index: Path, *, startup_timeout: float = 300.0) -> DemoServer:
-    """A server on a free loopback port, SERVING when this returns."""
+async def start_server(models: Path, index: Path) -> DemoServer:
+    """The real server in this process on a free loopback port, SERVING when this returns. Auth and TLS
+    settings from the environment are overridden (off): the demo's own client talks to it."""
     try:
         from twostage.server.app import serve_in_background
         from twostage.server.config import Config
-    except ImportError:
-        return await _start_subprocess(models, index, startup_timeout)
+    except ImportError as exc:
+        raise RuntimeError(f"the server is not installed ({exc})") from exc
     flags = argparse.Namespace(models=str(models), index=str(index), host="127.0.0.1", port=0, metrics_port=-1,
-                               log_level="warning")
+                               log_level="warning", read_api_keys=[], write_api_keys=[], tls_cert="", tls_key="",
+                               tls_client_ca="")
     running = await serve_in_background(Config.from_sources(flags))
-    server = _InProcessServer(running, f"127.0.0.1:{running.port}")
-    try:
-        async with AsyncClient(server.target) as client:
-            await client.wait_ready(timeout=startup_timeout)
-    except BaseException:
-        await server.stop()
-        raise
-    return server
-
-
-async def _start_subprocess(models: Path, index: Path, startup_timeout: float) -> DemoServer:
-    port = free_port()
-    log_path = index.parent / f"{index.name}-server.log"
-    command = [sys.executable, "-m", "twostage.client.cli", "serve", "--models", str(models), "--index", str(index),
-               "--host", "127.0.0.1", "--port", str(port), "--metrics-port", "-1", "--log-level", "warning"]
-    with open(log_path, "wb") as log_file:
-        process = subprocess.Popen(command, stdout=log_file, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
-    server = _SubprocessServer(process, f"127.0.0.1:{port}", log_path)
-    deadline = time.monotonic() + startup_timeout
-    try:
-        async with AsyncClient(server.target) as client:
-            while True:
-                if process.poll() is not None:
-                    raise RuntimeError(f"the server exited with code {process.returncode} while starting:\n"
-                                       f"{log_tail(log_path)}")
-                try:
-                    await client.wait_ready(timeout=1.0)
-                    return server
-                except TwoStageError:
-                    if time.monotonic() > deadline:
-                        raise RuntimeError(f"the server did not become SERVING within {startup_timeout:g} s:\n"
-                                           f"{log_tail(log_path)}") from None
-    except BaseException:
-        await server.stop()
-        raise
+    return _InProcessServer(running, f"127.0.0.1:{running.port}")
 
 
 @contextlib.contextmanager
