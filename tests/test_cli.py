@@ -379,3 +379,27 @@ def test_load_queries_names_the_bad_line(tmp_path):
     with pytest.raises(ValueError, match=r"q.jsonl:1: not valid JSON"):
         demo.load_queries(path)
 
+
+
+def test_demo_end_to_end_on_the_real_server_with_tiny_models(tiny_models, tmp_path):
+    """The real in-process server (random tiny models: the ranks mean nothing, the wiring does)."""
+    from twostage.client import Client, TwoStageError
+    corpus = write_jsonl(tmp_path / "c.jsonl", [
+        {"_id": f"d{i}", "title": f"title {i}", "text": f"some text about subject number {i}",
+         "metadata": {"topic": "even" if i % 2 == 0 else "odd"}} for i in range(12)])
+    queries = write_jsonl(tmp_path / "q.jsonl", [
+        {"_id": "q1", "text": "subject number 3", "relevant": ["d3"]},
+        {"_id": "q2", "text": "text about 7", "relevant": ["d7", "d8"]}])
+    report = asyncio.run(demo.run_demo(models=tiny_models, corpus=corpus, queries=queries, index=tmp_path / "index",
+                                       top_k=4, candidates=8))
+    assert [c.query.id for c in report.comparisons] == ["q1", "q2"]
+    for c in report.comparisons:
+        assert len(c.bi_encoder) == 4 and len(c.reranked) == 4
+        assert not any(h.reranked for h in c.bi_encoder) and all(h.reranked for h in c.reranked)
+        assert {h.id for h in c.bi_encoder + c.reranked} <= {f"d{i}" for i in range(12)}
+        assert [h.retrieval_rank for h in c.bi_encoder] == [0, 1, 2, 3]
+        assert c.bi_encoder_rank == demo.answer_rank(c.bi_encoder, c.query.relevant)
+    assert any((tmp_path / "index").iterdir())
+    with Client(report.target, max_attempts=1, timeout=5) as client:
+        with pytest.raises(TwoStageError):
+            client.info()  # stopped
