@@ -7,7 +7,6 @@ at run time, and result files hold only ids, counts and figures.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import csv
 import json
 import os
@@ -24,6 +23,8 @@ from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import numpy as np
+import onnxruntime  # noqa: F401  - load before usearch: `import usearch.index` then `import onnxruntime`,
+#                      with nothing else loaded first, crashes the interpreter with this venv's wheels
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
@@ -407,6 +408,3 @@ def metric_delta(before: dict, after: dict, name: str, **labels: str) -> float:
     key = (name, tuple(sorted(labels.items())))
     return after.get(key, 0.0) - before.get(key, 0.0)
 
-
-def run_in_new_loop(coro: Any) -> Any:
-    return asyncio.new_event_loop().run_until_complete(coro)

@@ -263,9 +263,17 @@ def make_contenders(args: argparse.Namespace, served: ServedCrossEncoder, thread
     ref_dir = args.cache / f"reference-cross-encoder-{served.shape.layers}x{served.shape.hidden}"
     need_ref = wanted & {"pytorch", "onnx-fp32", "infinity"}
     if need_ref:
-        build_random_cross_encoder(served.shape, served.tokenizer_path.parent, ref_dir)
+        try:
+            build_random_cross_encoder(served.shape, served.tokenizer_path.parent, ref_dir)
+        except ImportError as exc:
+            for name in need_ref:
+                skipped[name] = f"needs torch and transformers to build the reference model ({exc})"
+            wanted -= need_ref
     if "pytorch" in wanted:
-        contenders.append(SentenceTransformersContender(ref_dir, served.max_length, threads))
+        try:
+            contenders.append(SentenceTransformersContender(ref_dir, served.max_length, threads))
+        except ImportError as exc:
+            skipped["pytorch"] = f"sentence-transformers not installed ({exc})"
     if "onnx-fp32" in wanted:
         fp32 = export_fp32_onnx(ref_dir, args.cache / f"{ref_dir.name}.onnx")
         contenders.append(PlainOrtContender(
