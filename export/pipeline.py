@@ -328,7 +328,8 @@ def build(source: Source, facts: ModelFacts, staging: Path, work: Path, options:
     if info.quantized:
         with progress.step(2, "optimizing (ONNX Runtime basic level; the source is already int8)"):
             optimization = {"int8": onnx_ops.ort_basic_optimize(raw, staging / MODEL_FILE)}
-        progress.say(f"3/{STEPS} quantizing: skipped, {raw.name} is already quantized")
+        progress.say(f"3/{STEPS} quantizing: skipped, {raw.name} is already quantized"
+                     + ("" if options.quantize else " (--no-quantize cannot undo that)"))
         quantization = onnx_ops.describe_source_quantization(raw)
         fp32_file = None
         reference, reference_name, candidate_name = raw, source_reference, "optimized-int8"

@@ -136,7 +136,9 @@ def local_source(directory: Path, role: str, spec: str, kind: str | None = None,
     """Classify a local directory as a checkpoint (weights present) or an ONNX model directory."""
     directory = Path(directory).resolve()
     weights = checkpoint_weight_files(directory)
-    name = extra.pop("name", None) or directory.name
+    previous = read_json(directory / MANIFEST_NAME)  # a twostage model directory keeps its model's name
+    previous_name = previous.get("name") if isinstance(previous, dict) else None
+    name = extra.pop("name", None) or previous_name or directory.name
     if weights:
         if not (directory / "config.json").is_file():
             raise ExportError(f"{directory / 'config.json'}: missing; a checkpoint directory needs it beside "
