@@ -13,6 +13,7 @@ releases the GIL while it runs, so calling it from a worker thread keeps the eve
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Sequence
@@ -24,6 +25,8 @@ from twostage.export.manifest import ManifestError, ModelDir, sha256_file, verif
 from twostage.export.postprocess import embeddings_from_hidden
 from twostage.server.config import Config
 from twostage.server.tokenization import Encoded, ModelTokenizer, encode_pairs, encode_texts, padded_tokens
+
+log = logging.getLogger(__name__)
 
 PROVIDERS = {
     "cpu": ["CPUExecutionProvider"],
@@ -38,6 +41,20 @@ def available_cpus() -> int:
     if hasattr(os, "sched_getaffinity"):
         return max(1, len(os.sched_getaffinity(0)))
     return os.cpu_count() or 1
+
+
+def providers_for(execution_provider: str) -> list[str]:
+    """ONNX Runtime providers for the config value, keeping only those this onnxruntime build has
+    ("cuda" on a CPU-only build runs on the CPU, with a warning)."""
+    if execution_provider not in PROVIDERS:
+        raise ValueError(f"execution_provider={execution_provider!r} not one of {tuple(PROVIDERS)}")
+    available = set(ort.get_available_providers())
+    chosen = [p for p in PROVIDERS[execution_provider] if p in available]
+    missing = [p for p in PROVIDERS[execution_provider] if p not in available]
+    if missing:
+        log.warning("execution_provider=%s: %s not available in this onnxruntime build; using %s",
+                    execution_provider, missing, chosen)
+    return chosen
 
 
 def session_options(intra_op_threads: int) -> ort.SessionOptions:
@@ -75,10 +92,8 @@ class OnnxModel:
         self.model_dir: ModelDir = verify_model_dir(Path(directory), self.role)
         self.manifest: dict[str, Any] = self.model_dir.manifest
         self.tokenizer = ModelTokenizer.from_file(self.model_dir.tokenizer_path)
-        if config.execution_provider not in PROVIDERS:
-            raise ValueError(f"execution_provider={config.execution_provider!r} not one of {tuple(PROVIDERS)}")
         self.session = ort.InferenceSession(str(self.model_dir.model_path), sess_options=session_options(
-            config.intra_op_threads), providers=PROVIDERS[config.execution_provider])
+            config.intra_op_threads), providers=providers_for(config.execution_provider))
         self.input_types = {i.name: ONNX_INT_TYPES.get(i.type) for i in self.session.get_inputs()}
         unsupported = [name for name, dtype in self.input_types.items() if name not in KNOWN_INPUTS or dtype is None]
         if unsupported:

@@ -227,6 +227,14 @@ def test_cross_encoder_returns_raw_logits_per_pair(models):
     assert len(set(np.round(logits[:, 0], 5))) == 3
 
 
+def test_cuda_setting_falls_back_to_the_cpu_when_this_build_has_no_cuda(tiny_model_set, caplog):
+    if "CUDAExecutionProvider" in ort.get_available_providers():
+        pytest.skip("this onnxruntime build has CUDA")
+    model = CrossEncoderModel(tiny_model_set / "cross-encoder", Config(execution_provider="cuda", intra_op_threads=1))
+    assert model.providers == ["CPUExecutionProvider"]
+    assert "CUDAExecutionProvider" in caplog.text
+
+
 def test_padding_rows_and_mask():
     from twostage.server.tokenization import Encoded
 
@@ -313,3 +321,18 @@ def test_packaged_cross_encoder_ranks_the_relevant_passage_first(tmp_path):
     # int8 dynamic quantization scales activations per batch tensor, so padding partners move the logit a
     # little (observed up to ~0.1); far below the gap between relevant and unrelated passages.
     np.testing.assert_allclose(batched, alone, atol=0.3)
+
+
+def test_loads_the_model_set_the_export_step_writes(tiny_models):
+    embedder, reranker = load_model_set(tiny_models, Config(intra_op_threads=1))
+    texts = embedder.encode(["the cat", "how do bees make honey from flower nectar in the hive"])
+    vectors = embedder.run_batch(texts)
+    assert vectors.shape == (2, embedder.dimension)
+    if embedder.normalize:
+        np.testing.assert_allclose(np.linalg.norm(vectors, axis=1), 1.0, atol=1e-5)
+    pairs = reranker.encode("bees", ["bee honey", "the city road", "a long text about the river " * 5])
+    logits = reranker.run_batch(pairs)
+    assert logits.shape == (3, reranker.dimension) and np.isfinite(logits).all()
+    alone = np.concatenate([reranker.run_batch([p]) for p in pairs])
+    # served models may be dynamically quantized (activation scales per batch), hence the loose tolerance
+    np.testing.assert_allclose(logits, alone, atol=0.05 * max(1.0, float(np.abs(alone).max())))
