@@ -54,13 +54,22 @@ def base_parser(description: str) -> argparse.ArgumentParser:
                    help="folder holding the BEIR-layout datasets (scifact/, trec-dl-2019-subset/)")
     p.add_argument("--models", type=Path, default=default_models_dir(),
                    help="model set directory made by `twostage export` (bi-encoder/, cross-encoder/)")
-    p.add_argument("--out", type=Path, default=RESULTS_DIR, help="where the JSON result file goes")
+    p.add_argument("--out", type=Path, default=None,
+                   help=f"where the JSON result file goes (default {RESULTS_DIR.relative_to(REPO_ROOT)}; with "
+                        "--quick, <cache>/quick-results, so smoke runs never replace real results)")
     p.add_argument("--cache", type=Path, default=default_cache_dir(),
                    help="cache for generated data, built indexes and reference models")
     p.add_argument("--threads", type=int, default=0,
                    help="threads for every contender (0 = the CPUs this process may run on)")
     p.add_argument("--quick", action="store_true", help="tiny sizes: a smoke run in seconds, figures meaningless")
     return p
+
+
+def finish_common_args(args: argparse.Namespace) -> argparse.Namespace:
+    """Defaults that depend on other options (call after parse_args)."""
+    if args.out is None:
+        args.out = Path(args.cache) / "quick-results" if args.quick else RESULTS_DIR
+    return args
 
 
 def available_cpus() -> int:
@@ -233,7 +242,7 @@ def save_result(name: str, payload: dict[str, Any], out_dir: Path) -> Path:
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     doc = {"benchmark": name, "created": datetime.now(timezone.utc).isoformat(timespec="seconds"),
-           "environment": environment()}
+           "quick": bool(payload.get("config", {}).get("quick", False)), "environment": environment()}
     doc.update(payload)
     target = out_dir / f"{name}.json"
     tmp = out_dir / f".{name}.json.tmp"

@@ -31,8 +31,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import (REPO_ROOT, ServerProcess, base_parser, dir_size_bytes, format_table, resolve_threads,
-                          save_result)
+from bench.common import (REPO_ROOT, ServerProcess, base_parser, dir_size_bytes, finish_common_args, format_table,
+                          resolve_threads, save_result)
 from bench.search import synthetic_data, usearch_index
 
 _LOAD_SNIPPET = """
@@ -114,7 +114,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--server-docs", type=int, default=None,
                    help="documents in the DocumentIndex the server opens (default 50,000; quick 300)")
     p.add_argument("--text-bytes", type=int, default=350, help="text per synthetic document (MS MARCO passages ~350 B)")
-    args = p.parse_args(argv)
+    args = finish_common_args(p.parse_args(argv))
     q = args.quick
     args.n = args.n if args.n is not None else (2000 if q else 1_000_000)
     args.clusters = args.clusters if args.clusters is not None else max(10, args.n // 1000)

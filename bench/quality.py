@@ -30,10 +30,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import numpy as np
 
-from bench.common import (Dataset, ServerProcess, base_parser, document_text, format_table, load_dataset,
-                          resolve_threads, save_result)
+from bench.common import (Dataset, ServerProcess, base_parser, document_text, finish_common_args, format_table,
+                          load_dataset, resolve_threads, save_result)
 from bench.ir_metrics import evaluate
 from bench.prepare import corpus_index, fp32_model_set
 
@@ -195,7 +194,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="queries whose Search scores are compared with Rerank scores of the same pairs")
     p.add_argument("--no-bm25", action="store_true", help="skip BM25 and the cross-encoder over BM25 candidates")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="print progress")
-    args = p.parse_args(argv)
+    args = finish_common_args(p.parse_args(argv))
     args.max_queries = args.max_queries if args.max_queries is not None else (3 if args.quick else 0)
     args.datasets = args.datasets.split(",")
     return args

@@ -34,8 +34,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from bench.common import (Dataset, ServerProcess, base_parser, document_text, format_table, load_dataset,
-                          metric_delta, parse_metrics, ratio, resolve_threads, save_result, summarize)
+from bench.common import (Dataset, ServerProcess, base_parser, document_text, finish_common_args, format_table,
+                          load_dataset, metric_delta, parse_metrics, ratio, resolve_threads, save_result, summarize)
 from bench.reference_models import (BertShape, build_random_cross_encoder, export_fp32_onnx, infer_bert_shape,
                                     pair_ops)
 
@@ -392,6 +392,8 @@ class LevelResult:
 def closed_loop(server: ServerProcess, workload: list[RerankRequestSpec], clients: int, per_client: int,
                 docs: int) -> LevelResult:
     """`clients` threads, each sending `per_client` Rerank requests back to back, all starting together."""
+    import grpc
+
     from twostage.v1 import twostage_pb2 as pb
 
     requests = [pb.RerankRequest(query=s.query, texts=s.docs[:docs]) for s in workload]
@@ -407,9 +409,9 @@ def closed_loop(server: ServerProcess, workload: list[RerankRequestSpec], client
             t0 = time.perf_counter()
             try:
                 resp = stub.Rerank(req, timeout=900)
-            except Exception as exc:  # noqa: BLE001 - record and go on; a sweep reports its errors
+            except grpc.RpcError as exc:  # record and go on; a sweep reports its errors
                 with lock:
-                    result.errors.append(f"{type(exc).__name__}: {getattr(exc, 'details', lambda: exc)()}")
+                    result.errors.append(f"{exc.code().name}: {exc.details()}")
                 continue
             ms = (time.perf_counter() - t0) * 1000.0
             t = resp.timing
@@ -645,18 +647,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--sweep-clients", default=None, help="client counts (default 1,4,16,64; quick 1,2)")
     p.add_argument("--sweep-docs", default=None,
                    help="passages per request in the sweep, comma-separated (default 100,10; quick 4)")
-    p.add_argument("--sweep-rounds", type=int, default=None, help="requests per client per level (default 3; quick 1)")
+    p.add_argument("--sweep-rounds", type=int, default=None, help="requests per client per level (default 2; quick 1)")
     p.add_argument("--floor-rows", type=int, default=None, help="rows (tokens) of the floor matmuls (default 4096)")
     p.add_argument("--pause-ms", type=float, default=None, help="pause before each contender call (default 200)")
     p.add_argument("--skip", default="", help="parts to skip, comma-separated: contenders, sweep, floor")
-    args = p.parse_args(argv)
+    args = finish_common_args(p.parse_args(argv))
     q = args.quick
     args.requests = args.requests if args.requests is not None else (2 if q else 20)
     args.long_requests = args.long_requests if args.long_requests is not None else (1 if q else 5)
     args.docs = args.docs if args.docs is not None else (6 if q else 100)
     args.sweep_clients = [int(x) for x in (args.sweep_clients or ("1,2" if q else "1,4,16,64")).split(",")]
     args.sweep_docs = [int(x) for x in (args.sweep_docs or ("4" if q else "100,10")).split(",")]
-    args.sweep_rounds = args.sweep_rounds if args.sweep_rounds is not None else (1 if q else 3)
+    args.sweep_rounds = args.sweep_rounds if args.sweep_rounds is not None else (1 if q else 2)
     args.floor_rows = args.floor_rows if args.floor_rows is not None else (256 if q else 4096)
     args.pause_ms = args.pause_ms if args.pause_ms is not None else (0.0 if q else 200.0)
     args.skip = set(filter(None, args.skip.split(",")))

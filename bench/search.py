@@ -35,8 +35,8 @@ from typing import Any, Callable, Sequence
 
 import numpy as np
 
-from bench.common import (ServerProcess, base_parser, dir_size_bytes, format_table, load_dataset,
-                          resolve_threads, save_result, summarize)
+from bench.common import (ServerProcess, base_parser, dir_size_bytes, finish_common_args, format_table,
+                          load_dataset, resolve_threads, save_result, summarize)
 
 K = 100
 
@@ -342,7 +342,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="documents for the DocumentIndex measurement (default 100,000; quick 500; 0 = skip)")
     p.add_argument("--no-faiss", action="store_true", help="skip FAISS")
     p.add_argument("--no-scifact", action="store_true", help="skip the SciFact part (needs the model set)")
-    args = p.parse_args(argv)
+    args = finish_common_args(p.parse_args(argv))
     q = args.quick
     args.n = args.n if args.n is not None else (2000 if q else 1_000_000)
     args.clusters = args.clusters if args.clusters is not None else max(10, args.n // 1000)
@@ -388,7 +388,7 @@ def main(argv: list[str] | None = None) -> int:
         del index
     if not args.no_faiss:
         try:
-            import faiss  # noqa: F401
+            import faiss  # noqa: F401  (is it installed?)
         except ImportError:
             result["faiss"] = "not installed (pip install faiss-cpu)"
         else:
