@@ -8,5 +8,5 @@ if [ ! -x .venv/bin/python ]; then
   "$PY" -m venv .venv
 fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null
-# torch is pinned to the CPU build in the export extra (an unpinned torch pulls a multi-GB CUDA build).
+# torch is pinned in the export extra; this machine class keeps that CPU wheel locally (see pyproject.toml).
 .venv/bin/python -m pip install -q -e '.[export,models,dev]'

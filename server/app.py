@@ -13,6 +13,7 @@ import logging
 import signal
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -111,17 +112,23 @@ def load_engine(config: Config, metrics: Metrics | None) -> Engine:
     embedder, reranker = load_model_set(Path(config.models), config)
     index = DocumentIndex.open(Path(config.index), embedder.dimension, IndexSettings.from_config(config))
 
+    # One inference thread for both models: each session already uses every core (intra_op_threads), so two
+    # batches running at once would only fight over them.
+    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="twostage-inference")
+
     def batcher(name: str, model: Any, prefix: str) -> Batcher:
-        return Batcher(name, model.run_batch,
+        return Batcher(name, model.run_batch, executor=executor,
                        max_batch_tokens=getattr(config, f"{prefix}_max_batch_tokens"),
                        max_batch_size=getattr(config, f"{prefix}_max_batch_size"),
                        max_delay_ms=getattr(config, f"{prefix}_max_delay_ms"),
                        max_queued_tokens=getattr(config, f"{prefix}_max_queued_tokens"),
                        enabled=config.batching, metrics=metrics)
 
-    return Engine(config, embedder, reranker, index,
-                  embed_batcher=batcher("bi-encoder", embedder, "embed"),
-                  rerank_batcher=batcher("cross-encoder", reranker, "rerank"))
+    engine = Engine(config, embedder, reranker, index,
+                    embed_batcher=batcher("bi-encoder", embedder, "embed"),
+                    rerank_batcher=batcher("cross-encoder", reranker, "rerank"))
+    engine.executor = executor
+    return engine
 
 
 def _credentials(config: Config) -> grpc.ServerCredentials | None:
@@ -181,6 +188,7 @@ class RunningServer:
             await engine.embed_batcher.stop(drain_timeout=1.0)
             await engine.rerank_batcher.stop(drain_timeout=1.0)
             await asyncio.to_thread(engine.index.close)
+            engine.executor.shutdown(wait=False)
         self.metrics.close()
         log.info("stopped")
 

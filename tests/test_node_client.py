@@ -30,11 +30,8 @@ def ensure_node_modules() -> None:
 
 
 @pytest.mark.slow
-def test_node_client_against_real_server(request):
-    try:
-        server = request.getfixturevalue("running_server")
-    except pytest.FixtureLookupError:
-        pytest.skip("fixture running_server (a real server with the sample corpus indexed) is not defined yet")
+def test_node_client_against_real_server(running_server):
+    server = running_server
     ensure_node_modules()
     env = {**os.environ, "TWOSTAGE_TARGET": server.target}
     api_key = getattr(server, "api_key", None)
