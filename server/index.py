@@ -20,10 +20,14 @@ lacks and removing the keys the store no longer has. A missing, corrupt or stale
 snapshot (or different HNSW settings) makes the graph be rebuilt from the stored vectors. After open
 the index keys and the store keys are the same set.
 
-Concurrency. One writer at a time (a mutex); readers and the writer's commit are separated by a
-readers-writer lock, so a search sees the whole of a write or none of it. usearch calls themselves are
-serialized (the Python binding reuses one per-thread search context), and snapshots are written while
-searches go on (writers wait).
+Concurrency. One writer at a time (a mutex). A write first adds its new vectors to the graph in small
+chunks while searches go on; those keys are "pending" and every search skips them (it asks usearch
+for that many more results). Then, under the write side of a readers-writer lock, the SQLite
+transaction commits, the replaced or deleted keys are removed and the pending keys become visible;
+searches hold the read side, so a search sees the whole of a write or none of it, and is held up only
+for the commit (one fsync) and the removals. usearch calls themselves are serialized (the Python
+binding shares one per-thread search context between callers); snapshots are written while searches
+go on (writers wait).
 
 Scores. `Hit.score` is a similarity, higher is closer: for `cos` it is the cosine (1 - usearch
 distance); for `ip` the inner product (usearch reports 1 - dot, so again 1 - distance); for `l2sq` it is
@@ -70,6 +74,7 @@ DTYPES = ("f32", "f16", "i8")
 # candidates it expects to need exceed this fraction of the index.
 SCAN_FRACTION = 0.125
 _SQL_CHUNK = 500  # keys or ids per "IN (...)" list
+_ADD_CHUNK = 32  # vectors added to the graph per usearch call during a write (searches interleave)
 _READ_CHUNK = 8192  # rows per chunk when streaming vectors
 
 
@@ -599,6 +604,8 @@ class DocumentIndex:
         self._rw = _RWLock()
         self._write_mutex = threading.Lock()  # one writer (or snapshot) at a time
         self._ann_mutex = threading.Lock()  # usearch calls, one at a time
+        self._pending: set[int] = set()  # keys in the graph whose write has not committed yet
+        self._count = 0  # committed documents (the graph may also hold pending keys)
         self._seq = 0  # store sequence the in-memory graph reflects
         self._snapshot_seq = -1  # sequence of the snapshot on disk (-1: none valid)
         self._last_save = time.monotonic()
@@ -690,6 +697,7 @@ class DocumentIndex:
         if not self._settings.view:
             hnsw.expansion_add = self._settings.expansion_add
         self._hnsw = hnsw
+        self._count = len(hnsw)
         self._seq = seq
         self._snapshot_seq = snapshot_seq
         self.opened_from = how
@@ -778,7 +786,7 @@ class DocumentIndex:
     @property
     def size(self) -> int:
         """Documents in the index."""
-        return len(self._hnsw) if self._hnsw is not None else 0
+        return self._count
 
     @property
     def dimension(self) -> int:
@@ -799,9 +807,9 @@ class DocumentIndex:
 
     def verify(self) -> int:
         """Check that the HNSW keys and the store keys are the same set; returns the document count."""
-        with self._rw.read():
+        with self._write_mutex, self._rw.read():
             with self._ann_mutex:
-                same = self._in_step(self._hnsw)
+                same = self._in_step(self._hnsw) and len(self._hnsw) == self._count
             if not same:
                 raise FailedPrecondition(f"index {self.path}: HNSW keys and document store keys differ")
             return self.size
@@ -831,18 +839,31 @@ class DocumentIndex:
         sq = (q * q).sum(axis=1, keepdims=True) + (vectors * vectors).sum(axis=1)[None, :] - 2.0 * (q @ vectors.T)
         return -np.maximum(sq, 0.0)
 
-    def _ann(self, queries: np.ndarray, count: int, expansion: int | None, threads: int = 1):
-        """usearch search (caller holds the read lock)."""
+    def _ann(self, queries: np.ndarray, count: int, expansion: int | None,
+             threads: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
+        """usearch search, skipping pending keys: (keys, distances) per query, best first (the
+        caller holds the read lock)."""
+        queries = queries.reshape(-1, self._dimension)
         with self._ann_mutex:
             hnsw = self._hnsw
+            pending = np.fromiter(self._pending, dtype=np.uint64, count=len(self._pending))
             default = hnsw.expansion_search
             if expansion and expansion != default:
                 hnsw.expansion_search = int(expansion)
             try:
-                return hnsw.search(queries, count, threads=threads)
+                found = hnsw.search(queries, count + len(pending), threads=threads)
             finally:
                 if expansion and expansion != default:
                     hnsw.expansion_search = default
+        rows = [found] if len(queries) == 1 else [found[i] for i in range(len(queries))]
+        out = []
+        for m in rows:
+            keys, distances = np.asarray(m.keys, dtype=np.uint64), np.asarray(m.distances)
+            if len(pending):
+                visible = ~np.isin(keys, pending)
+                keys, distances = keys[visible], distances[visible]
+            out.append((keys[:count], distances[:count]))
+        return out
 
     def _check_k(self, k: int) -> int:
         if int(k) <= 0:
@@ -867,9 +888,9 @@ class DocumentIndex:
             if n == 0:
                 return SearchResult([], exhausted=bool(flt), strategy="empty")
             if not flt:
-                matches = self._ann(q, min(k, n), expansion_search)
-                rows = self._store.rows_of(matches.keys)
-                return SearchResult(self._hits(matches.keys, matches.distances, rows), strategy="ann")
+                keys, distances = self._ann(q, min(k, n), expansion_search)[0]
+                rows = self._store.rows_of(keys)
+                return SearchResult(self._hits(keys, distances, rows), strategy="ann")
             return self._filtered_search(q, k, n, expansion_search, flt)
 
     def _hits(self, keys: np.ndarray, distances: np.ndarray, rows: dict[int, tuple[str, str]],
@@ -886,17 +907,16 @@ class DocumentIndex:
         condition, params = _filter_sql(flt)
         fetch = min(n, k * self._settings.filter_overfetch)
         while True:
-            matches = self._ann(q, fetch, expansion)
-            rows = self._store.rows_of(matches.keys, condition, params)
+            keys, distances = self._ann(q, fetch, expansion)[0]
+            rows = self._store.rows_of(keys, condition, params)
             rows = {key: row for key, row in rows.items() if metadata_matches(json.loads(row[1]), flt)}
             if len(rows) >= k:
-                return SearchResult(self._hits(matches.keys, matches.distances, rows, limit=k), strategy="ann")
+                return SearchResult(self._hits(keys, distances, rows, limit=k), strategy="ann")
             if fetch >= n:
-                if len(matches.keys) >= n:  # the graph gave back every document: the matches are all there are
-                    return SearchResult(self._hits(matches.keys, matches.distances, rows),
-                                        exhausted=True, strategy="ann-all")
+                if len(keys) >= n:  # the graph gave back every document: the matches are all there are
+                    return SearchResult(self._hits(keys, distances, rows), exhausted=True, strategy="ann-all")
                 break
-            selectivity = len(rows) / max(len(matches.keys), 1)
+            selectivity = len(rows) / max(len(keys), 1)
             needed = k / selectivity if selectivity else math.inf
             if needed > n * SCAN_FRACTION:
                 break
@@ -940,12 +960,9 @@ class DocumentIndex:
             n = self.size
             if n == 0:
                 return [SearchResult([], strategy="empty") for _ in range(len(qs))]
-            batch = self._ann(qs, min(k, n), expansion_search, threads=0)
             results = []
-            for i in range(len(qs)):
-                keys = batch.keys[i, :batch.counts[i]]
-                rows = self._store.rows_of(keys)
-                results.append(SearchResult(self._hits(keys, batch.distances[i, :batch.counts[i]], rows)))
+            for keys, distances in self._ann(qs, min(k, n), expansion_search, threads=0):
+                results.append(SearchResult(self._hits(keys, distances, self._store.rows_of(keys))))
             return results
 
     def exact_search(self, vector: Any, k: int) -> SearchResult:
@@ -1091,11 +1108,24 @@ class DocumentIndex:
 
     def _commit_and_apply(self, conn: sqlite3.Connection, seq: int, remove: list[int],
                           add: tuple[np.ndarray, np.ndarray] | None) -> None:
-        """Commit the open transaction and apply it to the graph, with searches held off."""
+        """Stage the new vectors in the graph (hidden from searches), then commit the open transaction
+        and make the graph match it, with searches held off only for that last step."""
+        keys, vectors = add if add is not None else (np.zeros(0, np.uint64), None)
+        try:
+            for start in range(0, len(keys), _ADD_CHUNK):
+                chunk = keys[start:start + _ADD_CHUNK]
+                with self._ann_mutex:
+                    self._pending.update(chunk.tolist())
+                    self._hnsw.add(chunk, vectors[start:start + _ADD_CHUNK], threads=0)
+        except BaseException:
+            self._unstage()
+            conn.execute("ROLLBACK")
+            raise
         with self._rw.write():
             try:
                 conn.execute("COMMIT")
             except BaseException:
+                self._unstage()
                 if conn.in_transaction:
                     conn.execute("ROLLBACK")
                 raise
@@ -1103,13 +1133,21 @@ class DocumentIndex:
                 with self._ann_mutex:
                     if remove:
                         self._hnsw.remove(np.array(remove, dtype=np.uint64))
-                    if add is not None:
-                        self._hnsw.add(add[0], add[1], threads=0)
+                    self._pending.clear()
+                self._count += len(keys) - len(remove)
                 self._seq = seq
             except BaseException as exc:  # committed but not applied: refuse further writes
                 self._failed = f"applying write {seq} to the graph failed: {exc}"
                 log.error("index %s: %s", self.path, self._failed)
                 raise
+
+    def _unstage(self) -> None:
+        """Take the pending (uncommitted) keys out of the graph again."""
+        with self._ann_mutex:
+            staged = [key for key in self._pending if self._hnsw.contains(key)]
+            if staged:
+                self._hnsw.remove(np.array(staged, dtype=np.uint64))
+            self._pending.clear()
 
     # ------------------------------------------------------------------ snapshots
     def save(self) -> bool:
