@@ -220,6 +220,8 @@ def _filter_sql(filter: dict) -> tuple[str, list]:
             clauses.append(f"json_type(metadata, ?) = '{'true' if value else 'false'}'")
             params.append(path)
         elif isinstance(value, (int, float)):
+            if isinstance(value, int) and not -2**63 <= value < 2**63:
+                continue  # beyond SQLite integers: left to metadata_matches
             clauses.append("json_type(metadata, ?) IN ('integer', 'real') AND json_extract(metadata, ?) = ?")
             params += [path, path, value]
         elif isinstance(value, str):

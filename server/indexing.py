@@ -263,6 +263,9 @@ def build_index(corpus: Path | str, index_dir: Path | str, embed: Embed, dimensi
     if index_dir.is_dir():  # fail now, not after hours of embedding, if a server holds the index
         DirectoryLock(index_dir, exclusive=True).release()
     summary = check_corpus(corpus)
+    if progress:
+        print(f"checked {corpus}: {summary.documents} documents in {time.monotonic() - started:.1f} s",
+              file=progress_stream or sys.stderr, flush=True)
     staging = staging_dir(index_dir)
     state = {"corpus_sha256": summary.sha256, "documents": summary.documents, "dimension": dimension,
              "metric": settings.metric, "dtype": settings.dtype, "connectivity": settings.connectivity,
