@@ -6,7 +6,6 @@ import asyncio
 import sys
 import threading
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
@@ -103,5 +102,6 @@ def run_index_build(args: argparse.Namespace) -> int:
                              progress=not args.no_progress)
     finally:
         embedder.close()
-    print(report, file=sys.stderr)
+    print(f"indexed {report.documents} documents into {report.index_dir} in {report.seconds:.1f} s "
+          f"({report.docs_per_s:.0f} docs/s; embedded {report.embedded}, resumed {report.skipped})", file=sys.stderr)
     return 0

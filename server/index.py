@@ -51,7 +51,11 @@ from pathlib import Path
 from typing import Any, Iterable, Iterator, Sequence
 
 import numpy as np
-from usearch.index import Index
+# onnxruntime must be loaded before usearch: with usearch 2.26 + onnxruntime 1.32, `import usearch.index`
+# followed by `import onnxruntime` crashes the process (segfault in libstdc++'s codecvt during onnxruntime's
+# static initialisation). Importing onnxruntime first is safe; tests/test_contract.py guards the order.
+import onnxruntime  # noqa: F401,E402  isort: skip
+from usearch.index import Index  # noqa: E402
 
 from .errors import FailedPrecondition, InvalidArgument
 

@@ -56,3 +56,10 @@ def test_every_field_and_message_is_documented():
             if (6, si, 2, mi) not in documented:
                 missing.append(f"{svc.name}.{m.name}")
     assert not missing, f"undocumented: {missing}"
+
+
+def test_index_module_can_be_imported_before_onnxruntime():
+    """usearch 2.26 then onnxruntime 1.32 segfaults; server/index.py loads onnxruntime first."""
+    r = subprocess.run([sys.executable, "-c", "import twostage.server.index; import onnxruntime; print('ok')"],
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "ok" in r.stdout, (r.returncode, r.stderr[-2000:])
