@@ -585,3 +585,22 @@ def test_concurrent_searches_never_see_half_a_write(tmp_path):
             t.join(timeout=120)
         assert not errors, errors[:3]
         index.verify()
+
+
+def test_filter_on_a_small_index_reads_every_document(tmp_path):
+    vectors = unit_vectors(20)
+    batch = [StoredDoc(f"d{i}", "t", "", {"odd": i % 4 == 1}) for i in range(20)]
+    with open_index(tmp_path / "ix") as index:
+        index.upsert(batch, vectors)
+        result = index.search(vectors[0], 10, filter={"odd": True})
+        assert result.strategy == "ann-all" and result.exhausted
+        assert sorted(h.id for h in result.hits) == sorted(f"d{i}" for i in range(1, 20, 4))
+
+
+def test_maybe_save_writes_a_snapshot_only_when_due_and_changed(tmp_path):
+    with open_index(tmp_path / "ix") as index:
+        index.upsert(docs(5), unit_vectors(5))
+        assert not index.maybe_save(3600)  # not due yet
+        assert index.maybe_save(0)  # due and changed
+        assert not index.maybe_save(0)  # nothing new
+        assert json.loads((tmp_path / "ix" / SNAPSHOT_META_FILE).read_text())["count"] == 5
