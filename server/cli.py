@@ -84,8 +84,9 @@ class BackgroundEmbedder:
 
 
 def run_index_build(args: argparse.Namespace) -> int:
+    from twostage.server.errors import TwoStageError
     from twostage.server.index import IndexSettings
-    from twostage.server.indexing import build_index
+    from twostage.server.indexing import CorpusError, build_index
 
     try:
         config = Config.from_sources(args)
@@ -99,7 +100,10 @@ def run_index_build(args: argparse.Namespace) -> int:
     try:
         report = build_index(args.corpus, Path(config.index), embedder.embed, embedder.dimension,
                              IndexSettings.from_config(config), batch_size=args.batch_size,
-                             progress=not args.no_progress)
+                             progress=not args.no_progress, embed_fingerprint=embedder.model.sha256)
+    except (CorpusError, TwoStageError) as exc:
+        print(f"twostage index build: {exc}", file=sys.stderr)
+        return 2
     finally:
         embedder.close()
     print(f"indexed {report.documents} documents into {report.index_dir} in {report.seconds:.1f} s "
