@@ -9,6 +9,7 @@ Prometheus endpoint and `engine.embedder.batches_run`) to know what happened; th
 """
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -21,9 +22,7 @@ from server_harness import ServerThread, make_config
 from twostage.v1 import twostage_pb2 as pb
 
 HOLD_MS = 1000.0
-TEXT_TOKENS = 64                       # the tiny models' max_length: LONG_TEXT is cut to exactly this
-LONG_TEXT = " ".join(["river water flows to the sea"] * 30)
-QUEUE_BOUND = 100                      # room for one LONG_TEXT (64 tokens) but not two
+LONG_TEXT = " ".join(["river water flows to the sea"] * 200)   # longer than the model: cut to max_length tokens
 HOLDING = dict(embed_max_delay_ms=HOLD_MS, embed_max_batch_size=1000, embed_max_batch_tokens=1_000_000)
 
 
@@ -61,10 +60,13 @@ def bi_encoder_items(srv: ServerThread) -> tuple[float, float]:
 
 @pytest.fixture(scope="module")
 def queue_server(tiny_models, tmp_path_factory):
+    """Its bi-encoder queue holds one LONG_TEXT (max_length tokens) but not two."""
+    tokens = int(json.loads((tiny_models / "bi-encoder" / "manifest.json").read_text())["max_length"])
     srv = ServerThread(make_config(tiny_models, tmp_path_factory.mktemp("queue-index"),
-                                   embed_max_queued_tokens=QUEUE_BOUND, **HOLDING))
+                                   embed_max_queued_tokens=tokens * 3 // 2, **HOLDING))
     first = srv.stub().Embed(pb.EmbedRequest(texts=[LONG_TEXT]), timeout=30)
-    assert first.timing.embed.tokens == TEXT_TOKENS, "the tests below size the queue for 64-token texts"
+    assert first.timing.embed.tokens == tokens, "LONG_TEXT should fill the model's max_length"
+    srv.text_tokens = tokens
     yield srv
     srv.stop()
 
@@ -120,11 +122,11 @@ def test_flood_gets_only_ok_or_immediate_resource_exhausted(tiny_models, tmp_pat
 def test_full_batch_queue_refuses_at_once_naming_the_bound(queue_server):
     stub = queue_server.stub()
     held = stub.Embed.future(pb.EmbedRequest(texts=[LONG_TEXT]), timeout=60)
-    wait_until(lambda: batcher(queue_server).queued_tokens == TEXT_TOKENS, "the first call is queued")
+    wait_until(lambda: batcher(queue_server).queued_tokens == queue_server.text_tokens, "the first call is queued")
     with pytest.raises(grpc.RpcError) as err:
         stub.Embed(pb.EmbedRequest(texts=[LONG_TEXT]), timeout=60)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
-    assert "max_queued_tokens=100" in err.value.details()
+    assert f"max_queued_tokens={queue_server.text_tokens * 3 // 2}" in err.value.details()
     assert not held.done(), "the refusal came before the queued call finished"
     assert code_of(held) == grpc.StatusCode.OK
     assert len(stub.Embed(pb.EmbedRequest(texts=[LONG_TEXT]), timeout=60).embeddings) == 1
@@ -150,7 +152,7 @@ def test_cancelled_call_frees_its_queue_slot_and_never_runs(queue_server):
     stub = queue_server.stub()
     batches, items = bi_encoder_items(queue_server)
     doomed = stub.Embed.future(pb.EmbedRequest(texts=[LONG_TEXT]), timeout=60)
-    wait_until(lambda: batcher(queue_server).queued_tokens == TEXT_TOKENS, "the call is queued")
+    wait_until(lambda: batcher(queue_server).queued_tokens == queue_server.text_tokens, "the call is queued")
     with pytest.raises(grpc.RpcError) as err:
         stub.Embed(pb.EmbedRequest(texts=[LONG_TEXT]), timeout=60)
     assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
