@@ -23,6 +23,7 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from twostage.server.auth import ApiKeyInterceptor, DecodeGuardInterceptor
 from twostage.server.batcher import Batcher
 from twostage.server.config import Config
 from twostage.server.engine import Engine
@@ -201,7 +202,13 @@ async def start_server(config: Config) -> RunningServer:
         ("grpc.max_send_message_length", config.max_message_bytes),
         ("grpc.so_reuseport", 0),
     ]
-    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs)
+    interceptors: list[grpc.aio.ServerInterceptor] = []
+    api_keys = ApiKeyInterceptor.from_config(config, observe_rpc=metrics.observe_rpc)
+    if api_keys is not None:
+        interceptors.append(api_keys)  # first: refused RPCs are never decoded
+    interceptors.append(DecodeGuardInterceptor())
+    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs,
+                             interceptors=interceptors)
     health_servicer = health.aio.HealthServicer()
     service = TwoStageService(info=lambda: build_info(config, service.engine), metrics=metrics)
     pb_grpc.add_TwoStageServicer_to_server(service, server)
@@ -219,7 +226,8 @@ async def start_server(config: Config) -> RunningServer:
     metrics_port = metrics.serve(config.metrics_port, config.host if config.host not in ("[::]", "::") else "0.0.0.0") \
         if config.metrics_port >= 0 else -1
     log.info("listening", extra={"address": f"{config.host}:{port}", "metrics_port": metrics_port,
-                                 "tls": creds is not None, "config": config.as_dict()})
+                                 "tls": creds is not None, "api_keys": api_keys is not None,
+                                 "config": config.as_dict()})
 
     rs = RunningServer(config=config, server=server, port=port, metrics_port=metrics_port, health=health_servicer,
                        service=service, metrics=metrics)

@@ -3,11 +3,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import math
 import time
 from typing import Any, Awaitable, Callable
 
 import grpc
-from google.protobuf import json_format, struct_pb2
+from google.protobuf import struct_pb2
 
 from twostage.server import errors
 from twostage.server.engine import DocumentInput, Engine, StageTiming, Timing
@@ -42,8 +43,27 @@ def timing_pb(t: Timing) -> pb.Timing:
                      embed=_stage_pb(t.embed), ann_ms=t.ann_ms, rerank=_stage_pb(t.rerank), store_ms=t.store_ms)
 
 
-def struct_to_dict(s: struct_pb2.Struct) -> dict[str, Any]:
-    return json_format.MessageToDict(s) if s.fields else {}
+def _value(v: struct_pb2.Value, field: str) -> Any:
+    kind = v.WhichOneof("kind")
+    if kind == "number_value":
+        if not math.isfinite(v.number_value):
+            raise errors.InvalidArgument(field, "numbers must be finite (NaN and infinity cannot be stored as JSON)")
+        n = v.number_value
+        return int(n) if n.is_integer() and abs(n) < 2**53 else n
+    if kind == "string_value":
+        return v.string_value
+    if kind == "bool_value":
+        return v.bool_value
+    if kind == "struct_value":
+        return struct_to_dict(v.struct_value, field)
+    if kind == "list_value":
+        return [_value(x, f"{field}[{i}]") for i, x in enumerate(v.list_value.values)]
+    return None
+
+
+def struct_to_dict(s: struct_pb2.Struct, field: str) -> dict[str, Any]:
+    """Struct -> plain JSON-able dict; non-finite numbers are refused naming the field."""
+    return {k: _value(v, f"{field}.{k}") for k, v in s.fields.items()}
 
 
 def dict_to_struct(d: dict[str, Any] | None) -> struct_pb2.Struct:
@@ -103,7 +123,7 @@ class TwoStageService(pb_grpc.TwoStageServicer):
         async def work(engine: Engine) -> pb.SearchResponse:
             out = await engine.search(
                 request.query, top_k=request.top_k, candidates=request.candidates, skip_rerank=request.skip_rerank,
-                filter=struct_to_dict(request.filter), ids_only=request.ids_only,
+                filter=struct_to_dict(request.filter, "filter"), ids_only=request.ids_only,
                 rerank_budget_ms=request.rerank_budget_ms, raw=request.raw_scores,
                 max_query_tokens=request.max_query_tokens, max_doc_tokens=request.max_document_tokens,
                 expansion_search=request.expansion_search, deadline=_deadline(context))
@@ -146,8 +166,8 @@ class TwoStageService(pb_grpc.TwoStageServicer):
 
     async def Upsert(self, request: pb.UpsertRequest, context) -> pb.UpsertResponse:
         async def work(engine: Engine) -> pb.UpsertResponse:
-            docs = [DocumentInput(id=d.id, text=d.text, title=d.title, metadata=struct_to_dict(d.metadata),
-                                  embedding=list(d.embedding)) for d in request.documents]
+            docs = [DocumentInput(id=d.id, text=d.text, title=d.title, metadata=struct_to_dict(d.metadata, f"documents[{i}].metadata"),
+                                  embedding=list(d.embedding)) for i, d in enumerate(request.documents)]
             out = await engine.upsert(docs, deadline=_deadline(context))
             if self._metrics is not None:
                 self._metrics.index_size.set(out.index_size)
