@@ -165,7 +165,8 @@ def finish(proc: subprocess.Popen, timeout: float = 300.0) -> None:
 
 def assert_index_holds_exactly(index: Path, models: Path, present: list[str], absent: list[str]) -> None:
     with open_index(index, models) as idx:
-        assert idx.verify() == len(present), "HNSW keys and document store keys must be the same set"
+        count = idx.verify()          # raises unless the HNSW keys and the document store keys are the same set
+        assert count == len(present)
         assert set(idx.get(present)) == set(present)
         assert not idx.get(absent)
 
