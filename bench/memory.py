@@ -12,7 +12,7 @@ What is measured (bench/results/memory.json):
 2. The real server (child process) with the exported models and an empty index: RSS once SERVING and after one
    Search and one 100-passage Rerank (models, arenas and gRPC included).
 3. The real server over a DocumentIndex of `--server-docs` synthetic documents (usearch graph + SQLite store with
-   each document's text and float32 vector): RSS and directory size, hence bytes per document.
+   each document's text and float32 vector): RSS and SQLite store size, hence bytes per document.
 
 The server's RSS at 1M documents is reported as (2) + the loaded-index growth of (1): the sum of two measured
 parts, not one measurement of a 1M-document server. The SQLite store lives on disk and in the page cache, not
@@ -34,6 +34,7 @@ import numpy as np
 from bench.common import (REPO_ROOT, ServerProcess, base_parser, dir_size_bytes, finish_common_args, format_table,
                           resolve_threads, save_result)
 from bench.search import synthetic_data, usearch_index
+from twostage.server.index import STORE_FILE
 
 _LOAD_SNIPPET = """
 import json, sys
@@ -46,11 +47,12 @@ def rss():
             return int(line.split()[1]) * 1024
 
 path, ndim, view = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+queries = np.random.default_rng(0).standard_normal((1000, ndim)).astype(np.float32)
 before = rss()
 index = Index.restore(path, view=view)
 loaded = rss()
-queries = np.random.default_rng(0).standard_normal((1000, ndim)).astype(np.float32)
-index.search(queries, 100, threads=1)
+for q in queries:
+    index.search(q, 100, threads=1)
 searched = rss()
 print(json.dumps({"rss_before": before, "rss_loaded": loaded, "rss_after_searches": searched,
                   "memory_usage": int(index.memory_usage), "size": len(index)}))
@@ -155,7 +157,8 @@ def main(argv: list[str] | None = None) -> int:
     try:
         empty = server_rss(args.models, tmp / "empty", threads)
         document_index_with(args.server_docs, dimension, tmp / "docs", args.text_bytes)
-        store_bytes = dir_size_bytes(tmp / "docs")
+        directory_bytes = dir_size_bytes(tmp / "docs")
+        store_bytes = sum(p.stat().st_size for p in (tmp / "docs").glob(f"{STORE_FILE}*"))
         filled = server_rss(args.models, tmp / "docs", threads)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -163,24 +166,26 @@ def main(argv: list[str] | None = None) -> int:
     result["server"] = {
         "empty_index": empty,
         "with_documents": {"documents": args.server_docs, "dimension": dimension, "text_bytes": args.text_bytes,
-                           "index_directory_bytes": store_bytes, **filled,
+                           "index_directory_bytes": directory_bytes, "sqlite_store_bytes": store_bytes, **filled,
                            "rss_per_document_bytes": per_doc_rss,
-                           "directory_bytes_per_document": store_bytes / max(1, args.server_docs)}}
+                           "sqlite_store_bytes_per_document": store_bytes / max(1, args.server_docs)}}
     estimate = {}
     for dtype, r in result["raw_index"].items():
         estimate[dtype] = {
             "server_rss_bytes": empty["rss_after_requests"] + r["loaded"]["rss_growth_after_searches"],
             "index_file_bytes": r["file_bytes"],
-            "store_bytes_extrapolated": store_bytes / max(1, args.server_docs) * args.n,
+            "sqlite_store_bytes_extrapolated": store_bytes / max(1, args.server_docs) * args.n,
             "how": "server RSS with an empty index + RSS growth of loading this index and searching it (both "
-                   "measured); store size extrapolated per document from the DocumentIndex measurement"}
+                   "measured); SQLite store size (text + float32 vector per document, whatever the HNSW dtype) "
+                   "extrapolated per document from the DocumentIndex measurement"}
     result["estimate_at_n"] = {"n": args.n, "dtypes": estimate}
     print(f"\n== server RSS: empty index {empty['rss_after_requests'] / 2**20:.0f} MiB (after a Search and a Rerank); "
-          f"{args.server_docs:,} documents {filled['rss_after_requests'] / 2**20:.0f} MiB, index directory "
+          f"{args.server_docs:,} documents {filled['rss_after_requests'] / 2**20:.0f} MiB; SQLite store "
           f"{store_bytes / 2**20:.1f} MiB ({store_bytes / max(1, args.server_docs):.0f} B/document)")
-    print(format_table(["dtype", f"server RSS at {args.n:,} MiB (sum)", "index file MiB", "store on disk MiB (extrap.)"],
+    print(format_table(["dtype", f"server RSS at {args.n:,} MiB (sum)", "index file MiB",
+                        "SQLite store MiB (extrap.)"],
                        [[d, e["server_rss_bytes"] / 2**20, e["index_file_bytes"] / 2**20,
-                         e["store_bytes_extrapolated"] / 2**20] for d, e in estimate.items()]))
+                         e["sqlite_store_bytes_extrapolated"] / 2**20] for d, e in estimate.items()]))
     path = save_result("memory", result, args.out)
     print(f"\nsaved {path}")
     return 0
