@@ -510,6 +510,19 @@ def print_sweep(entry: dict[str, Any], levels: list[int]) -> None:
                                           if v is not None))
 
 
+def sweep_targets(result: dict[str, Any]) -> None:
+    """Record the sweep's target figures (16 clients, or the nearest level run) beside the contender targets."""
+    targets = result.setdefault("targets", {"measured": {}, "wanted": {}})
+    levels = result["sweep"]["levels"]
+    level = str(min(levels, key=lambda c: abs(c - 16)))
+    for w in result["sweep"]["workloads"]:
+        tag = f"sweep_{w['docs_per_request']}_docs_{level}_clients"
+        targets["measured"][f"{tag}_on_over_off_pairs_per_s"] = w["on_over_off_pairs_per_s"][level]
+        targets["measured"][f"{tag}_p99_over_p50_batching_on"] = w["batching_on"][level]["p99_over_p50"]
+        targets["wanted"][f"{tag}_on_over_off_pairs_per_s"] = ">= 1.5 at 16 clients"
+        targets["wanted"][f"{tag}_p99_over_p50_batching_on"] = "<= 3 at 16 clients"
+
+
 # ---------------------------------------------------------------------------------- part 3: the floor
 def _matmul_graph(m: int, k: int, n: int, dynamic: bool, seed: int = 0):
     """An ONNX graph multiplying [m, k] activations by a stored int8 [k, n] weight.
@@ -718,6 +731,7 @@ def main(argv: list[str] | None = None) -> int:
         if "sweep" not in args.skip:
             result["sweep"] = run_sweep(args, build_workload(msmarco, max(args.sweep_docs), 64), threads,
                                         tmp / "sweep", args.sweep_clients, args.sweep_docs, args.sweep_rounds)
+            sweep_targets(result)
         if "floor" not in args.skip:
             floor = measure_floor(served.shape, args.floor_rows, threads, 0.05 if args.quick else 1.0)
             msm = result.get("contender_runs", [None])[0]
@@ -725,6 +739,10 @@ def main(argv: list[str] | None = None) -> int:
             print_floor(result["compute_floor"])
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if result.get("targets"):
+        print("\n== targets")
+        print(format_table(["figure", "measured", "wanted"],
+                           [[k, v, result["targets"]["wanted"].get(k, "")] for k, v in result["targets"]["measured"].items()]))
     path = save_result("rerank", result, args.out)
     print(f"\nsaved {path}")
     return 0

@@ -476,6 +476,10 @@ def main(argv: list[str] | None = None) -> int:
         print(format_table(CONTENDER_HEADERS, s.pop("_rows")))
     result["targets"] = {"wanted": "embed + ANN p50 <= 10 ms at recall@100 >= 0.95 over 1M",
                          "measured": best_setting(contenders, 0.95)}
+    print(f"\n== target: {result['targets']['wanted']}; fastest setting reaching recall@{K} >= 0.95:")
+    print(format_table(["contender", "expansion_search", "ANN p50 ms", f"recall@{K}", "embed+ANN p50 ms"],
+                       [[n, b["expansion_search"], b["ann_p50_ms"], b[f"recall_at_{K}"], b["embed_plus_ann_p50_ms"]]
+                        if b else [n, "none", None, None, None] for n, b in result["targets"]["measured"].items()]))
     path = save_result("search", result, args.out)
     print(f"\nsaved {path}")
     return 0
