@@ -199,7 +199,8 @@ def search_with_filter(value: dict) -> pb.SearchRequest:
 
 SEARCH_CASES = [search_with_filter({"x": float("nan")}), search_with_filter({"x": float("-inf")}),
                 search_with_filter(deep(120)), search_with_filter({"a": {"b": 1}}), search_with_filter({"": 1}),
-                search_with_filter({"a": [1, 2]}), pb.SearchRequest(query="q", top_k=U32_MAX, candidates=U32_MAX),
+                search_with_filter({"a": [1, 2]}), search_with_filter({f"k{i}": i for i in range(2000)}),
+                pb.SearchRequest(query="q", top_k=U32_MAX, candidates=U32_MAX),
                 pb.SearchRequest(query="\x00"), pb.SearchRequest(query="q", expansion_search=U32_MAX)]
 RERANK_CASES = [pb.RerankRequest(query="q"), pb.RerankRequest(query="q", texts=["a"], document_ids=["seed-a"]),
                 pb.RerankRequest(query="q", document_ids=["seed-a", "seed-a"]),
