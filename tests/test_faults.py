@@ -384,8 +384,8 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(tiny_models, t
                 stub.Info(pb.InfoRequest(), timeout=5)
                 time.sleep(0.01)
             except grpc.RpcError as err:
-                refused = err.code()
-        assert refused == grpc.StatusCode.UNAVAILABLE
+                refused = err
+        assert refused.code() == grpc.StatusCode.UNAVAILABLE, (refused.code(), refused.details())
         assert not all(f.done() for f in held), "new requests were refused while the old ones were still running"
         for f in held:
             assert len(f.result().embeddings) == 1, "an in-flight request was dropped at shutdown"
