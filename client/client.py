@@ -197,6 +197,8 @@ class Limits:
     max_candidates: int = 0
     max_message_bytes: int = 0
     max_concurrent_rpcs: int = 0
+    max_metadata_bytes: int = 0
+    max_filter_keys: int = 0
 
 
 @dataclass(frozen=True)

@@ -98,7 +98,8 @@ def build_info(config: Config, engine: Engine) -> pb.InfoResponse:
         index=pb.IndexInfo(size=engine.index.size, dimension=engine.index.dimension, metric=s.metric, dtype=s.dtype,
                            connectivity=s.connectivity, expansion_add=s.expansion_add,
                            expansion_search=s.expansion_search, read_only=s.view),
-        limits=pb.Limits(max_query_bytes=config.max_query_bytes, max_text_bytes=config.max_text_bytes,
+        limits=pb.Limits(max_query_bytes=config.max_query_bytes, max_metadata_bytes=config.max_metadata_bytes,
+                         max_filter_keys=config.max_filter_keys, max_text_bytes=config.max_text_bytes,
                          max_id_bytes=config.max_id_bytes, max_rerank_documents=config.max_rerank_documents,
                          max_embed_texts=config.max_embed_texts, max_upsert_documents=config.max_upsert_documents,
                          max_top_k=config.max_top_k, max_candidates=config.max_candidates,
@@ -178,12 +179,16 @@ class RunningServer:
         self._stopped = True
         grace = self.config.grace_period_s if grace is None else grace
         log.info("shutting down", extra={"grace_s": grace})
+        self.service.draining = True  # new RPCs: UNAVAILABLE at once
         await self.health.enter_graceful_shutdown()
+        end = time.monotonic() + grace
+        while self.service.active > 0 and time.monotonic() < end:
+            await asyncio.sleep(0.05)
         if self._saver is not None:
             self._saver.cancel()
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
-        await self.server.stop(grace)
+        await self.server.stop(max(0.0, end - time.monotonic()))
         engine = self.service.engine
         if engine is not None:
             await engine.embed_batcher.stop(drain_timeout=1.0)

@@ -74,6 +74,8 @@ class Config:
     max_rerank_documents: int = knob(1000, "most documents in one Rerank request")
     max_embed_texts: int = knob(1000, "most texts in one Embed request")
     max_upsert_documents: int = knob(1000, "most documents (or ids) in one Upsert (or Delete) request")
+    max_metadata_bytes: int = knob(65_536, "largest document metadata, as compact JSON in UTF-8 bytes")
+    max_filter_keys: int = knob(64, "most keys in one Search filter")
     max_top_k: int = knob(1000, "largest Search top_k")
     max_candidates: int = knob(1000, "largest Search candidates")
     # -- defaults for fields left at 0

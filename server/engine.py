@@ -6,6 +6,7 @@ Every request is validated here, before any work is queued.
 from __future__ import annotations
 
 import asyncio
+import json
 import math
 import time
 from dataclasses import dataclass, field
@@ -161,9 +162,11 @@ def check_ids(name: str, ids: Sequence[str], limit_bytes: int) -> None:
         seen[doc_id] = i
 
 
-def check_filter(flt: dict[str, Any] | None) -> None:
+def check_filter(flt: dict[str, Any] | None, max_keys: int) -> None:
     if not flt:
         return
+    if len(flt) > max_keys:
+        raise InvalidArgument("filter", f"has {len(flt)} keys; the limit is {max_keys}")
     for key, value in flt.items():
         if not key:
             raise InvalidArgument("filter", "keys must not be empty")
@@ -303,11 +306,10 @@ class Engine:
         check_text("query", query, cfg.max_query_bytes)
         check_range("top_k", top_k, cfg.max_top_k)
         check_range("candidates", candidates, cfg.max_candidates)
-        check_filter(filter)
+        check_filter(filter, cfg.max_filter_keys)
         if expansion_search < 0 or expansion_search > 4096:
             raise InvalidArgument("expansion_search", f"is {expansion_search}; must be between 1 and 4096 (0 = default)")
-        if not skip_rerank:
-            self._validate_rerank_query(query, max_query_tokens, max_doc_tokens)
+        self._validate_rerank_query(query, max_query_tokens, max_doc_tokens)
         top_k = top_k or cfg.default_top_k
         n_candidates = max(candidates or cfg.default_candidates, top_k)
         timing = Timing()
@@ -390,6 +392,10 @@ class Engine:
                 raise InvalidArgument(f"documents[{i}].embedding", f"has {len(d.embedding)} values; the index dimension is {dim}")
             if d.embedding and not all(math.isfinite(x) for x in d.embedding):
                 raise InvalidArgument(f"documents[{i}].embedding", "contains NaN or infinite values")
+            meta_bytes = len(json.dumps(d.metadata, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass"))
+            if meta_bytes > cfg.max_metadata_bytes:
+                raise InvalidArgument(f"documents[{i}].metadata",
+                                      f"is {meta_bytes} bytes as JSON; the limit is {cfg.max_metadata_bytes} bytes")
         timing = Timing()
         vectors = np.zeros((len(documents), dim), dtype=np.float32)
         to_embed = [i for i, d in enumerate(documents) if not d.embedding]

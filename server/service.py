@@ -74,6 +74,8 @@ def dict_to_struct(d: dict[str, Any] | None) -> struct_pb2.Struct:
 
 
 def _truncate(value: int) -> bool:
+    if value not in pb.Truncation.values():
+        raise errors.InvalidArgument("truncation", f"unknown value {value}; use TRUNCATION_END (1) or TRUNCATION_NONE (2)")
     return value != pb.TRUNCATION_NONE
 
 
@@ -87,12 +89,20 @@ class TwoStageService(pb_grpc.TwoStageServicer):
 
     def __init__(self, info: Callable[[], pb.InfoResponse], metrics: Any = None):
         self.engine: Engine | None = None
+        self.draining = False  # set at shutdown: new RPCs get UNAVAILABLE while in-flight ones finish
+        self.active = 0
         self._info = info
         self._metrics = metrics
 
     async def _call(self, method: str, context: grpc.aio.ServicerContext, work: Callable[[Engine], Awaitable[Any]]) -> Any:
         started = time.perf_counter()
         code = grpc.StatusCode.OK
+        if self.draining:
+            code = grpc.StatusCode.UNAVAILABLE
+            if self._metrics is not None:
+                self._metrics.observe_rpc(method, code.name, 0.0)
+            await context.abort(code, "the server is shutting down; retry on another replica or shortly")
+        self.active += 1
         if self._metrics is not None:
             self._metrics.inflight.inc()
         try:
@@ -112,6 +122,7 @@ class TwoStageService(pb_grpc.TwoStageServicer):
             log.exception("internal error in %s", method)
             await context.abort(code, f"internal error: {type(exc).__name__}: {exc}")
         finally:
+            self.active -= 1
             seconds = time.perf_counter() - started
             if self._metrics is not None:
                 self._metrics.inflight.dec()

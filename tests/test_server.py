@@ -245,6 +245,18 @@ def test_embed_matches_dimension_and_normalization(server):
     assert abs(sum(x * x for x in v) - 1.0) < 1e-3
 
 
+def big_metadata_doc() -> pb.Document:
+    d = pb.Document(id="big", text="t")
+    d.metadata.update({"blob": "x" * 70_000})
+    return d
+
+
+def wide_filter_request() -> pb.SearchRequest:
+    r = pb.SearchRequest(query="q")
+    r.filter.update({f"k{i}": i for i in range(65)})
+    return r
+
+
 def test_bad_input_gets_invalid_argument_and_server_keeps_serving(server):
     stub = server.stub()
     cases = [
@@ -253,6 +265,10 @@ def test_bad_input_gets_invalid_argument_and_server_keeps_serving(server):
         (lambda: stub.Rerank(pb.RerankRequest(query="x"), timeout=10), "texts"),
         (lambda: stub.Upsert(pb.UpsertRequest(documents=[pb.Document(id="a", text="t"), pb.Document(id="a", text="u")]), timeout=10), "duplicate"),
         (lambda: stub.Upsert(pb.UpsertRequest(documents=[pb.Document(id="a", text="t", embedding=[0.1, 0.2])]), timeout=10), "dimension"),
+        (lambda: stub.Upsert(pb.UpsertRequest(documents=[big_metadata_doc()]), timeout=10), "documents[0].metadata"),
+        (lambda: stub.Rerank(pb.RerankRequest(query="q", texts=["t"], truncation=7), timeout=10), "truncation"),
+        (lambda: stub.Search(wide_filter_request(), timeout=10), "the limit is 64"),
+        (lambda: stub.Search(pb.SearchRequest(query="q", skip_rerank=True, max_query_tokens=100000), timeout=10), "max_query_tokens"),
     ]
     for call, needle in cases:
         with pytest.raises(grpc.RpcError) as err:
@@ -260,3 +276,41 @@ def test_bad_input_gets_invalid_argument_and_server_keeps_serving(server):
         assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
         assert needle in err.value.details()
     assert stub.Search(pb.SearchRequest(query="why is mars red", top_k=1), timeout=60).hits[0].id == "mars"
+
+
+def test_rerank_budget_reranks_a_prefix_and_keeps_the_rest_in_stage1_order(real_models, tmp_path):
+    with ServerThread(make_config(real_models, tmp_path / "idx", rerank_max_batch_size=8)) as srv:
+        stub = srv.stub()
+        upsert_corpus(stub)
+        n = len(CORPUS)
+        full = stub.Search(pb.SearchRequest(query="why is mars red", top_k=n, candidates=n), timeout=60)
+        assert full.reranked == n
+        # A 1 ms budget allows the first slice (one batch of 8, in stage-1 order) and nothing more.
+        tight = stub.Search(pb.SearchRequest(query="why is mars red", top_k=n, candidates=n, rerank_budget_ms=1),
+                            timeout=60)
+        assert tight.reranked == 8 and tight.timing.rerank.items == 8
+        reranked, rest = tight.hits[:8], tight.hits[8:]
+        assert all(h.reranked for h in reranked) and not any(h.reranked for h in rest)
+        assert sorted(h.retrieval_rank for h in reranked) == list(range(8))
+        assert [h.retrieval_rank for h in rest] == list(range(8, n))  # the rest follow in stage-1 order
+        scores = [h.rerank_score for h in reranked]
+        assert scores == sorted(scores, reverse=True)
+        # A generous budget reranks everything.
+        loose = stub.Search(pb.SearchRequest(query="why is mars red", top_k=n, candidates=n, rerank_budget_ms=60000),
+                            timeout=60)
+        assert loose.reranked == n
+
+
+def test_token_caps_and_truncation_none(server):
+    stub = server.stub()
+    long_query = "router password reset " * 40
+    capped = stub.Rerank(pb.RerankRequest(query=long_query, texts=["Hold the reset button for ten seconds."],
+                                          max_query_tokens=8), timeout=60)
+    assert capped.results[0].truncated
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Rerank(pb.RerankRequest(query=long_query, texts=["short text"], max_query_tokens=8,
+                                     truncation=pb.TRUNCATION_NONE), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_query_tokens=8" in err.value.details()
+    with pytest.raises(grpc.RpcError) as err:
+        stub.Rerank(pb.RerankRequest(query="q", texts=["t"], max_document_tokens=100000), timeout=60)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT and "max_document_tokens" in err.value.details()

@@ -319,7 +319,7 @@ class IndexInfo(_message.Message):
     def __init__(self, size: _Optional[int] = ..., dimension: _Optional[int] = ..., metric: _Optional[str] = ..., dtype: _Optional[str] = ..., connectivity: _Optional[int] = ..., expansion_add: _Optional[int] = ..., expansion_search: _Optional[int] = ..., read_only: _Optional[bool] = ...) -> None: ...
 
 class Limits(_message.Message):
-    __slots__ = ("max_query_bytes", "max_text_bytes", "max_id_bytes", "max_rerank_documents", "max_embed_texts", "max_upsert_documents", "max_top_k", "max_candidates", "max_message_bytes", "max_concurrent_rpcs")
+    __slots__ = ("max_query_bytes", "max_text_bytes", "max_id_bytes", "max_rerank_documents", "max_embed_texts", "max_upsert_documents", "max_top_k", "max_candidates", "max_message_bytes", "max_concurrent_rpcs", "max_metadata_bytes", "max_filter_keys")
     MAX_QUERY_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_TEXT_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_ID_BYTES_FIELD_NUMBER: _ClassVar[int]
@@ -330,6 +330,8 @@ class Limits(_message.Message):
     MAX_CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     MAX_MESSAGE_BYTES_FIELD_NUMBER: _ClassVar[int]
     MAX_CONCURRENT_RPCS_FIELD_NUMBER: _ClassVar[int]
+    MAX_METADATA_BYTES_FIELD_NUMBER: _ClassVar[int]
+    MAX_FILTER_KEYS_FIELD_NUMBER: _ClassVar[int]
     max_query_bytes: int
     max_text_bytes: int
     max_id_bytes: int
@@ -340,7 +342,9 @@ class Limits(_message.Message):
     max_candidates: int
     max_message_bytes: int
     max_concurrent_rpcs: int
-    def __init__(self, max_query_bytes: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_id_bytes: _Optional[int] = ..., max_rerank_documents: _Optional[int] = ..., max_embed_texts: _Optional[int] = ..., max_upsert_documents: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_candidates: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ...) -> None: ...
+    max_metadata_bytes: int
+    max_filter_keys: int
+    def __init__(self, max_query_bytes: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_id_bytes: _Optional[int] = ..., max_rerank_documents: _Optional[int] = ..., max_embed_texts: _Optional[int] = ..., max_upsert_documents: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_candidates: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., max_metadata_bytes: _Optional[int] = ..., max_filter_keys: _Optional[int] = ...) -> None: ...
 
 class Defaults(_message.Message):
     __slots__ = ("top_k", "candidates", "chunk_overlap_tokens")
