@@ -59,7 +59,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="when the gate fails, serve the reference model (fp32, or the unmodified source "
                              "ONNX) instead of failing; the manifest records the failed figures (default: fail)")
     parser.add_argument("--no-quantize", action="store_true",
-                        help="serve the optimized fp32 model (default: dynamic int8 quantization)")
+                        help="serve the optimized fp32 model (default: static int8 quantization with activation scales "
+                             "calibrated on the calibration set; batch-invariant)")
     parser.add_argument("--target", choices=("auto",) + TARGETS, default="auto",
                         help="CPU family the int8 model is tuned for (default: auto, this machine: "
                              f"{detect_target()})")

@@ -1,7 +1,7 @@
 """Which int8 flavour suits the CPU that runs the export (and, by default, will serve the model).
 
-Dynamic quantization in ONNX Runtime always quantizes activations to uint8; what varies is the weight type
-and whether weights use 7 bits ("reduce_range"):
+The int8 step (int8.py) always quantizes activations to uint8 (one calibrated scale per tensor); what varies is
+the weight type and whether weights use 7 bits ("reduce_range"):
 
 - ``avx512_vnni`` (x86 with AVX512-VNNI or AVX-VNNI): int8 weights, full range. VNNI's u8*s8 dot product
   does not saturate.

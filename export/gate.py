@@ -17,9 +17,14 @@ cross-encoder
   max_abs_diff              largest raw-score difference.
 both, when the calibration file labels relevant passages
   reference_hit_at_1, candidate_hit_at_1   share of queries whose best passage is a labelled relevant one.
+both, of the served model alone
+  batch_variation           how much a row's output changes between scoring it alone and inside one padded
+                            batch of 16 calibration inputs of mixed lengths: largest raw-score difference
+                            (cross-encoder) or cosine distance 1 - cos (bi-encoder).
 
 Checked: bi-encoder mean_cosine >= min_cosine and top10_overlap >= min_top10_overlap; cross-encoder
-spearman >= min_spearman and top10_overlap >= min_top10_overlap. Other figures are recorded only.
+spearman >= min_spearman and top10_overlap >= min_top10_overlap; both batch_variation <= its maximum. Other
+figures are recorded only.
 """
 from __future__ import annotations
 
@@ -40,8 +45,10 @@ BUILTIN_CALIBRATION = Path(__file__).resolve().parent / "data" / "calibration.js
 TOP_K = 10
 BATCH_SIZE = 32
 CHECKED_METRICS = {
-    "bi-encoder": {"mean_cosine": "min_cosine", "top10_overlap": "min_top10_overlap"},
-    "cross-encoder": {"spearman": "min_spearman", "top10_overlap": "min_top10_overlap"},
+    "bi-encoder": {"mean_cosine": "min_cosine", "top10_overlap": "min_top10_overlap",
+                   "batch_variation": "max_batch_variation_cosine"},
+    "cross-encoder": {"spearman": "min_spearman", "top10_overlap": "min_top10_overlap",
+                      "batch_variation": "max_batch_variation_score"},
 }
 
 
@@ -54,6 +61,10 @@ class Thresholds:
     min_cosine: float = 0.98
     min_spearman: float = 0.98
     min_top10_overlap: float = 0.85
+    # A row's output alone vs inside a padded batch of mixed lengths (`batch_variation`): raw score difference
+    # (cross-encoder) and cosine distance (bi-encoder). Dynamic int8 quantization moved scores by up to 0.8.
+    max_batch_variation_score: float = 1e-4
+    max_batch_variation_cosine: float = 1e-5
 
 
 @dataclass(frozen=True)
@@ -275,26 +286,110 @@ class GateSubject:
     positive_label: int = 0
 
 
-def measure(subject: GateSubject, reference: Path, candidate: Path, cal: Calibration) -> tuple[dict[str, float], int]:
-    """Run both models on the calibration set. Returns (figures, served dimension)."""
+@dataclass(frozen=True)
+class Outputs:
+    """What one model serves for the calibration set: embeddings (queries, then passages) or raw scores."""
+
+    role: str
+    queries: np.ndarray | None = None
+    passages: np.ndarray | None = None
+    scores: np.ndarray | None = None
+    dimension: int = 0
+
+
+def items(subject: GateSubject, cal: Calibration) -> list[Any]:
+    """The calibration inputs of a role: texts (queries, then passages) or (query, passage) pairs."""
+    if subject.role == "bi-encoder":
+        return list(cal.queries) + [p for ps in cal.passages for p in ps]
+    return cal.pairs
+
+
+def serve(model: OnnxModel, subject: GateSubject, tokenizer: Any, batch: list[Any]) -> np.ndarray:
+    """What the server returns for a batch: embeddings [n, dim] or raw scores [n]."""
+    if subject.role == "bi-encoder":
+        return model.embed(tokenizer, batch, subject.pooling or "mean", subject.normalize)
+    return raw_scores(model.logits(tokenizer, batch), subject.positive_label)
+
+
+def served_outputs(subject: GateSubject, path: Path, cal: Calibration) -> Outputs:
+    """Run one model on the whole calibration set the way the server runs it."""
     tokenizer = load_tokenizer(subject.tokenizer_path, subject.max_length)
-    ref_model, cand_model = OnnxModel(reference, subject.output), OnnxModel(candidate, subject.output)
+    model = OnnxModel(path, subject.output)
     if subject.role == "bi-encoder":
         flat = [p for ps in cal.passages for p in ps]
+        queries = model.embed(tokenizer, cal.queries, subject.pooling or "mean", subject.normalize)
+        passages = model.embed(tokenizer, flat, subject.pooling or "mean", subject.normalize)
+        return Outputs(subject.role, queries=queries, passages=passages, dimension=int(queries.shape[1]))
+    logits = model.logits(tokenizer, cal.pairs)
+    return Outputs(subject.role, scores=raw_scores(logits, subject.positive_label), dimension=int(logits.shape[1]))
 
-        def embed_all(model: OnnxModel) -> tuple[np.ndarray, np.ndarray]:
-            return (model.embed(tokenizer, cal.queries, subject.pooling, subject.normalize),
-                    model.embed(tokenizer, flat, subject.pooling, subject.normalize))
 
-        (ref_q, ref_p), (cand_q, cand_p) = embed_all(ref_model), embed_all(cand_model)
-        return bi_encoder_metrics(cal, ref_q, ref_p, cand_q, cand_p), int(cand_q.shape[1])
-    ref_logits, cand_logits = ref_model.logits(tokenizer, cal.pairs), cand_model.logits(tokenizer, cal.pairs)
-    if ref_logits.shape != cand_logits.shape:
-        raise ExportError(f"{candidate}: logits shape {cand_logits.shape} differs from the reference's "
-                          f"{ref_logits.shape}")
-    figures = cross_encoder_metrics(cal, raw_scores(ref_logits, subject.positive_label),
-                                    raw_scores(cand_logits, subject.positive_label))
-    return figures, int(cand_logits.shape[1])
+def compare(cal: Calibration, reference: Outputs, candidate: Outputs) -> dict[str, float]:
+    """Agreement figures of two models' outputs (module docstring)."""
+    if reference.dimension != candidate.dimension:
+        raise ExportError(f"the served model outputs {candidate.dimension} values per input, the reference "
+                          f"{reference.dimension}")
+    if reference.role == "bi-encoder":
+        return bi_encoder_metrics(cal, reference.queries, reference.passages, candidate.queries, candidate.passages)
+    return cross_encoder_metrics(cal, reference.scores, candidate.scores)
+
+
+def measure(subject: GateSubject, reference: Path, candidate: Path, cal: Calibration) -> tuple[dict[str, float], int]:
+    """Run both models on the calibration set. Returns (figures, served dimension)."""
+    served = served_outputs(subject, candidate, cal)
+    return compare(cal, served_outputs(subject, reference, cal), served), served.dimension
+
+
+def difference(subject: GateSubject, a: np.ndarray, b: np.ndarray) -> float:
+    """How far two served outputs are apart: largest raw-score difference (cross-encoder) or largest cosine
+    distance 1 - cos (bi-encoder)."""
+    if subject.role == "bi-encoder":
+        return float(np.max(1.0 - (l2_normalize(a) * l2_normalize(b)).sum(axis=1)))
+    return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))
+
+
+def mixed_lengths(subject: GateSubject, cal: Calibration, count: int) -> list[Any]:
+    """`count` calibration inputs spread from the shortest to the longest (in tokens)."""
+    tokenizer = load_tokenizer(subject.tokenizer_path, subject.max_length)
+    pool = items(subject, cal)
+    lengths = [len(e.ids) for e in tokenizer.encode_batch(pool)]
+    order = np.argsort(lengths, kind="mergesort")
+    picks = sorted({int(order[int(round(i))]) for i in np.linspace(0, len(pool) - 1, count)})
+    rng = np.random.default_rng(0)  # mixed order, so that short rows sit next to long ones in the batch
+    return [pool[i] for i in rng.permutation(picks)]
+
+
+def batch_variation(subject: GateSubject, path: Path, cal: Calibration, count: int = 16) -> float:
+    """How much a row's served output changes between scoring it alone and inside one padded batch of `count`
+    calibration inputs of mixed lengths (see `difference`)."""
+    tokenizer = load_tokenizer(subject.tokenizer_path, subject.max_length)
+    model = OnnxModel(path, subject.output)
+    batch = mixed_lengths(subject, cal, count)
+    together = serve(model, subject, tokenizer, batch)
+    alone = np.concatenate([serve(model, subject, tokenizer, [item]) for item in batch])
+    return difference(subject, alone, together)
+
+
+def agreement(subject: GateSubject, a: Path, b: Path, cal: Calibration, count: int = 32) -> float:
+    """`difference` between two models on `count` calibration inputs of mixed lengths, in one batch."""
+    tokenizer = load_tokenizer(subject.tokenizer_path, subject.max_length)
+    batch = mixed_lengths(subject, cal, count)
+    return difference(subject, serve(OnnxModel(a, subject.output), subject, tokenizer, batch),
+                      serve(OnnxModel(b, subject.output), subject, tokenizer, batch))
+
+
+def calibration_inputs(subject: GateSubject, cal: Calibration, input_names: list[str], batch_size: int = 16,
+                       long_inputs: int = 8) -> list[dict[str, np.ndarray]]:
+    """Model feeds for activation calibration: every calibration input in batches, plus `long_inputs` inputs
+    built by joining one query's passages (cut at max_length), so that the activation ranges also cover long
+    inputs and late positions."""
+    tokenizer = load_tokenizer(subject.tokenizer_path, subject.max_length)
+    pool = items(subject, cal)
+    joined = [" ".join(ps) for ps in cal.passages[:long_inputs]]
+    long = joined if subject.role == "bi-encoder" else list(zip(cal.queries[:long_inputs], joined))
+    feeds = [encode(tokenizer, pool[i:i + batch_size], input_names) for i in range(0, len(pool), batch_size)]
+    feeds += [encode(tokenizer, long[i:i + 4], input_names) for i in range(0, len(long), 4)]
+    return feeds
 
 
 def evaluate(role: str, figures: dict[str, float], thresholds: Thresholds) -> list[str]:
@@ -302,8 +397,13 @@ def evaluate(role: str, figures: dict[str, float], thresholds: Thresholds) -> li
     limits = asdict(thresholds)
     failures = []
     for metric, limit_name in CHECKED_METRICS[role].items():
+        if metric not in figures:
+            continue
         value, limit = figures[metric], limits[limit_name]
-        if not value >= limit:
+        if limit_name.startswith("max_"):
+            if not value <= limit:
+                failures.append(f"{metric} {value:.3g} > {limit_name.replace('_', '-')} {limit}")
+        elif not value >= limit:
             failures.append(f"{metric} {value:.4f} < {limit_name.replace('_', '-')} {limit}")
     return failures
 
@@ -314,10 +414,10 @@ def gate_record(role: str, reference_name: str, candidate_name: str, cal: Calibr
     return {
         "passed": not failures, "reference": reference_name, "candidate": candidate_name,
         "calibration": cal.record(), "pairs": len(cal.pairs),
-        "metrics": {k: round(v, 6) for k, v in figures.items()},
+        "metrics": {k: (float(f"{v:.4g}") if k == "batch_variation" else round(v, 6)) for k, v in figures.items()},
         "thresholds": asdict(thresholds), "checked": dict(CHECKED_METRICS[role]), "failures": failures,
     }
 
 
 def format_figures(figures: dict[str, float]) -> str:
-    return ", ".join(f"{k} {v:.4f}" for k, v in figures.items())
+    return ", ".join(f"{k} {v:.3g}" if k == "batch_variation" else f"{k} {v:.4f}" for k, v in figures.items())

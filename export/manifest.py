@@ -7,8 +7,9 @@ A model directory looks like::
 
     cross-encoder/
       manifest.json
-      model.onnx            # the served model (int8 unless quantization was refused)
-      model_fp32.onnx       # optimized fp32 kept beside it (absent for an already-int8 source)
+      model.onnx            # the served model (static int8 unless quantization was refused)
+      model_fp32.onnx       # optimized fp32 kept beside it (absent for an already-int8 source, whose fp32
+                            # rebuild is not an original fp32 model)
       tokenizer.json        # fast tokenizer; plus any tokenizer_config.json, vocab.txt, ...
 
 Manifest fields (``FORMAT`` = "twostage-model/1")::
@@ -30,9 +31,14 @@ Optional fields written by `twostage export` (readers must not require them)::
     source.format ("checkpoint"|"onnx"), source.onnx_file, source.package_version,
     quantization.applied_by ("twostage export"|"source"), quantization.activation_type,
     quantization.op_types, quantization.reason (why none),
-    optimization {fp32 {tool, model_type, opt_level, fused{op: count}}, pre_quantization, int8},
+    quantization (mode "static-int8") {activation_scales, calibration_tokens, calibration, operator, matmuls,
+        activations, bias_folded, batch_invariant, source_quantization (an int8 source's own scheme)},
+    optimization {dequantized {tool, rewritten} (int8 sources), fp32 {tool, model_type, opt_level,
+        fusions_enabled, fused{op: count}, opset, check {reference, inputs, max_difference, tolerance}}},
     pooling_origin (the config file pooling was read from, or "default"),
     gate.candidate, gate.checked {metric: threshold name}, gate.failures [..],
+    gate.metrics.batch_variation (a row alone vs in a padded batch: score difference / cosine distance),
+    gate.secondary {reference, metrics} (an int8 source: figures against its fp32 rebuild),
     gate.served (the reference name, when the gate failed and the reference is served),
     facts {model_type},
     fingerprint (sha256 of fingerprint_inputs: source revision, options, calibration, tool versions),

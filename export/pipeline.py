@@ -1,7 +1,11 @@
 """One export, source to verified model directory, and the model set (bi-encoder + cross-encoder).
 
-    source --(1) export to ONNX / validate--> graph --(2) optimize--> model_fp32.onnx
-           --(3) quantize--> model.onnx --(4) accuracy gate--> (5) manifest.json, atomic rename
+    source --(1) export to ONNX / validate--> graph --(2) [rebuild fp32 from an int8 source,] optimize
+           --> model_fp32.onnx --(3) static int8 quantization--> model.onnx --(4) accuracy gate
+           --> (5) manifest.json, atomic rename
+
+The served int8 model is batch-invariant: its activation scales are fixed at export time (see int8.py), so a
+row's output does not depend on the rest of its batch; the gate measures this (batch_variation) and checks it.
 
 Work happens in `.tmp-<role>-<pid>-*` directories beside the target, renamed into place only once the
 manifest verifies, so a crash never leaves a half-written model directory. A re-run whose inputs
@@ -33,11 +37,14 @@ from .modelinfo import (TOKENIZER_FILES, choose_positive_label, copy_tokenizer_f
 from .sources import Source
 
 # Bump when the steps change in a way that should rebuild existing model directories.
-EXPORTER_VERSION = 1
+EXPORTER_VERSION = 2
 TOOL_PACKAGES = ("twostage", "onnxruntime", "onnx", "optimum", "optimum-onnx", "transformers", "torch",
                  "tokenizers", "huggingface_hub", "numpy")
 MODEL_FILE, FP32_FILE, TOKENIZER_FILE = "model.onnx", "model_fp32.onnx", "tokenizer.json"
 STEPS = 5
+# Largest served-output difference (raw score, or cosine distance for embeddings) an optimized fp32 graph may
+# show against its unfused self; exact fusions stay below 1e-5.
+FUSION_TOLERANCE = 1e-3
 
 
 @dataclass(frozen=True)
@@ -214,10 +221,12 @@ def replace_directory(staging: Path, target: Path) -> None:
 def export_model(source: Source, out_dir: Path, options: ExportOptions,
                  calibration: gates.Calibration | None = None, stream: TextIO | None = None) -> ExportResult:
     """Export one model into out_dir/<role>/ (skipped when up to date). Raises ExportError / GateFailed."""
+    from .onnx_ops import working_directory
+
     started = time.perf_counter()
     role = source.role
     progress = Progress(role, stream)
-    out_dir = Path(out_dir)
+    out_dir = Path(out_dir).absolute()  # the steps run inside the work directory (working_directory)
     out_dir.mkdir(parents=True, exist_ok=True)
     target_dir = out_dir / role
     cal = calibration if calibration is not None else gates.load_calibration(options.calibration)
@@ -237,7 +246,8 @@ def export_model(source: Source, out_dir: Path, options: ExportOptions,
     staging.chmod(_directory_mode())  # mkdtemp makes it owner-only; the model directory is meant to be shared
     work = Path(tempfile.mkdtemp(prefix=f".tmp-{role}-{os.getpid()}-work-", dir=out_dir))
     try:
-        manifest = build(source, facts, staging, work, options, target, cal, progress)
+        with working_directory(work):  # tools that drop scratch files into the current directory drop them here
+            manifest = build(source, facts, staging, work, options, target, cal, progress)
         manifest["fingerprint"] = wanted
         manifest["fingerprint_inputs"] = inputs
         with progress.step(5, "writing manifest"):
@@ -287,10 +297,43 @@ def probe_embeddings(graph: Path, output: str, tokenizer: Path, facts: ModelFact
                 facts.pooling or "mean", facts.normalize)
 
 
+def no_quantization(reason: str) -> dict[str, Any]:
+    return {"mode": "none", "reason": reason, "target": None, "per_channel": None, "reduce_range": None,
+            "weight_type": None}
+
+
+def optimize(raw: Path, info: "onnx_ops.OnnxInfo", subject: gates.GateSubject, staging: Path, work: Path,
+             facts: ModelFacts, cal: gates.Calibration, progress: Progress) -> dict[str, Any]:
+    """Step 2: the fp32 graph (rebuilt from an int8 source when needed), optimized, checked against its unfused
+    self, written to staging/model_fp32.onnx. Returns the manifest's optimization record."""
+    from . import onnx_ops
+    from .dequantize import dequantize_model
+
+    record: dict[str, Any] = {}
+    fp32 = raw
+    if info.quantized:
+        fp32 = work / "dequantized.onnx"
+        record["dequantized"] = dequantize_model(raw, fp32)
+    fused = work / "fused.onnx"
+    record["fp32"] = onnx_ops.optimize_fp32(fp32, fused, work / "fusion", facts.model_type)
+    difference = gates.agreement(subject, fp32, fused, cal)
+    check = {"reference": "unfused fp32", "inputs": 32, "max_difference": float(f"{difference:.3g}"),
+             "tolerance": FUSION_TOLERANCE}
+    if difference > FUSION_TOLERANCE:
+        progress.say(f"optimized graph differs from the unfused one by {difference:.3g} (> {FUSION_TOLERANCE}); "
+                     "keeping the unfused graph")
+        shutil.copyfile(fp32, fused)
+        record["fp32"] = {"tool": None, "rejected": record["fp32"]}
+        check["result"] = "rejected; the unfused graph is used"
+    record["fp32"]["check"] = check
+    os.replace(fused, staging / FP32_FILE)
+    return record
+
+
 def build(source: Source, facts: ModelFacts, staging: Path, work: Path, options: ExportOptions, target: str,
           cal: gates.Calibration, progress: Progress) -> dict[str, Any]:
     """Steps 1-4 into staging; returns the manifest (without files/fingerprint)."""
-    from . import onnx_ops
+    from . import int8, onnx_ops
 
     role = source.role
     copy_tokenizer(source, staging)
@@ -320,45 +363,53 @@ def build(source: Source, facts: ModelFacts, staging: Path, work: Path, options:
         labels = None
     if options.opset is not None and source.format == "onnx" and info.opset != options.opset:
         progress.say(f"note: --opset {options.opset} applies to checkpoint exports; the source ONNX keeps opset "
-                     f"{info.opset}")
-    source_reference = "source-onnx" if source.format == "onnx" else "exported-onnx"
-
-    # 2. Optimize; 3. quantize.
-    fp32_file: str | None = FP32_FILE
-    if info.quantized:
-        with progress.step(2, "optimizing (ONNX Runtime basic level; the source is already int8)"):
-            optimization = {"int8": onnx_ops.ort_basic_optimize(raw, staging / MODEL_FILE)}
-        progress.say(f"3/{STEPS} quantizing: skipped, {raw.name} is already quantized"
-                     + ("" if options.quantize else " (--no-quantize cannot undo that)"))
-        quantization = onnx_ops.describe_source_quantization(raw)
-        fp32_file = None
-        reference, reference_name, candidate_name = raw, source_reference, "optimized-int8"
-    else:
-        with progress.step(2, "optimizing (transformer fusions)"):
-            optimization = {"fp32": onnx_ops.fuse_transformer(raw, staging / FP32_FILE, facts.model_type)}
-            if options.quantize:
-                optimization["pre_quantization"] = onnx_ops.prepare_for_quantization(raw, work / "prequant.onnx")
-        if options.quantize:
-            settings = target_settings(target)
-            with progress.step(3, f"quantizing (dynamic int8, {settings.weight_type} per-channel weights, "
-                                  f"target {target})"):
-                quantization = onnx_ops.quantize_int8(work / "prequant.onnx", staging / MODEL_FILE, settings)
-            reference, reference_name, candidate_name = staging / FP32_FILE, "fp32-optimized", "int8"
-        else:
-            progress.say(f"3/{STEPS} quantizing: skipped (--no-quantize)")
-            os.replace(staging / FP32_FILE, staging / MODEL_FILE)
-            fp32_file = None
-            quantization = {"mode": "none", "reason": "--no-quantize", "target": None, "per_channel": None,
-                            "reduce_range": None, "weight_type": None}
-            reference, reference_name, candidate_name = raw, source_reference, "fp32-optimized"
-
-    # 4. Accuracy gate.
+                     f"{info.opset} until the optimizer converts it")
     positive = choose_positive_label(labels) if labels is not None else 0
     subject = gates.GateSubject(role, tokenizer, facts.max_length, output, facts.pooling, facts.normalize, positive)
+    source_reference = "source-onnx" if source.format == "onnx" else "exported-onnx"
+    source_quantization = onnx_ops.describe_source_quantization(raw) if info.quantized else None
+
+    # 2. Optimize (an int8 source is first rebuilt in fp32, so that it can be fused and re-quantized).
+    rebuilt = " from the int8 source" if info.quantized else ""
+    with progress.step(2, f"optimizing{rebuilt} (opset 23, attention/LayerNorm/Gelu fusions)"):
+        optimization = optimize(raw, info, subject, staging, work, facts, cal, progress)
+
+    # 3. Quantize: static int8 with calibrated activation scales (batch-invariant).
+    fp32_file: str | None = FP32_FILE
+    if options.quantize:
+        settings = target_settings(target)
+        with progress.step(3, f"quantizing (static int8, {settings.weight_type} per-channel weights, activation "
+                              f"scales calibrated on {cal.name}, target {target})"):
+            feeds = gates.calibration_inputs(subject, cal, info.inputs)
+            quantization = int8.quantize_static(staging / FP32_FILE, staging / MODEL_FILE, feeds, settings)
+            quantization["calibration"] = cal.record()
+            if source_quantization is not None:
+                quantization["source_quantization"] = source_quantization
+        candidate_name = "int8"
+    else:
+        progress.say(f"3/{STEPS} quantizing: skipped (--no-quantize)")
+        os.replace(staging / FP32_FILE, staging / MODEL_FILE)
+        fp32_file = None
+        quantization = no_quantization("--no-quantize")
+        candidate_name = "fp32-optimized"
+    if info.quantized or not options.quantize:
+        reference, reference_name = raw, source_reference
+    else:
+        reference, reference_name = staging / FP32_FILE, "fp32-optimized"
+
+    # 4. Accuracy gate.
     with progress.step(4, f"accuracy gate ({reference_name} vs {candidate_name}, "
                           f"{len(cal.queries)} queries, {len(cal.pairs)} pairs)"):
-        figures, dimension = gates.measure(subject, reference, staging / MODEL_FILE, cal)
+        served = gates.served_outputs(subject, staging / MODEL_FILE, cal)
+        figures = gates.compare(cal, gates.served_outputs(subject, reference, cal), served)
+        figures["batch_variation"] = gates.batch_variation(subject, staging / MODEL_FILE, cal)
         gate = gates.gate_record(role, reference_name, candidate_name, cal, figures, options.thresholds)
+        if info.quantized and options.quantize:
+            # How close the served model is to the fp32 rebuild of the source (the source's own int8 noise aside).
+            secondary = gates.compare(cal, gates.served_outputs(subject, staging / FP32_FILE, cal), served)
+            gate["secondary"] = {"reference": "fp32 rebuilt from the source",
+                                 "metrics": {k: round(v, 6) for k, v in secondary.items()}}
+    dimension = served.dimension
     progress.say(f"gate {'passed' if gate['passed'] else 'FAILED'}: {gates.format_figures(figures)}")
     if not gate["passed"]:
         problem = "; ".join(gate["failures"])
@@ -371,31 +422,31 @@ def build(source: Source, facts: ModelFacts, staging: Path, work: Path, options:
                      f"({reference_name}) as {MODEL_FILE}")
         if reference == staging / FP32_FILE:
             os.replace(staging / FP32_FILE, staging / MODEL_FILE)
-            quantization = {"mode": "none", "reason": f"accuracy gate failed: {problem}", "target": None,
-                            "per_channel": None, "reduce_range": None, "weight_type": None}
+            quantization = no_quantization(f"accuracy gate failed: {problem}")
         else:
             shutil.copyfile(reference, staging / MODEL_FILE)
-            if info.quantized:
-                quantization = {**onnx_ops.describe_source_quantization(raw),
-                                "note": f"optimized graph failed the gate ({problem}); the source is served"}
-            else:
-                quantization = {"mode": "none", "reason": f"accuracy gate failed: {problem}", "target": None,
-                                "per_channel": None, "reduce_range": None, "weight_type": None}
+            quantization = ({**source_quantization, "note": f"the optimized graph failed the gate ({problem}); "
+                                                           "the source is served"}
+                            if source_quantization is not None else no_quantization(f"accuracy gate failed: {problem}"))
         fp32_file = None
         gate["served"] = reference_name
+    if info.quantized and fp32_file is not None:
+        # The fp32 rebuild of an int8 source is not an original fp32 model: it is not kept.
+        (staging / FP32_FILE).unlink()
+        fp32_file = None
 
-    served = onnx_ops.inspect_onnx(staging / MODEL_FILE)
+    served_info = onnx_ops.inspect_onnx(staging / MODEL_FILE)
     import onnxruntime
 
     return {
         "role": role, "task": ROLES[role], "name": source.name, "source": source.manifest_record(),
         "model_file": MODEL_FILE, "fp32_file": fp32_file, "tokenizer_file": TOKENIZER_FILE,
-        "inputs": served.inputs, "output": output, "max_length": facts.max_length, "dimension": dimension,
+        "inputs": served_info.inputs, "output": output, "max_length": facts.max_length, "dimension": dimension,
         "pooling": facts.pooling if role == "bi-encoder" else None,
         "normalize": facts.normalize if role == "bi-encoder" else False,
         "pooling_origin": facts.pooling_origin,
         "labels": labels, "positive_label": positive if role == "cross-encoder" else None,
-        "quantization": quantization, "optimization": optimization, "opset": served.opset,
+        "quantization": quantization, "optimization": optimization, "opset": served_info.opset,
         "onnxruntime_version": onnxruntime.__version__, "tool_versions": tool_versions(),
         "gate": gate, "facts": {"model_type": facts.model_type},
     }
