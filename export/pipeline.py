@@ -302,10 +302,11 @@ def no_quantization(reason: str) -> dict[str, Any]:
             "weight_type": None}
 
 
-def optimize(raw: Path, info: "onnx_ops.OnnxInfo", subject: gates.GateSubject, staging: Path, work: Path,
+def optimize(raw: Path, info: Any, subject: gates.GateSubject, staging: Path, work: Path,
              facts: ModelFacts, cal: gates.Calibration, progress: Progress) -> dict[str, Any]:
     """Step 2: the fp32 graph (rebuilt from an int8 source when needed), optimized, checked against its unfused
-    self, written to staging/model_fp32.onnx. Returns the manifest's optimization record."""
+    self, written to staging/model_fp32.onnx. `info` is the source's onnx_ops.OnnxInfo. Returns the manifest's
+    optimization record."""
     from . import onnx_ops
     from .dequantize import dequantize_model
 
@@ -322,7 +323,9 @@ def optimize(raw: Path, info: "onnx_ops.OnnxInfo", subject: gates.GateSubject, s
     if difference > FUSION_TOLERANCE:
         progress.say(f"optimized graph differs from the unfused one by {difference:.3g} (> {FUSION_TOLERANCE}); "
                      "keeping the unfused graph")
-        shutil.copyfile(fp32, fused)
+        import onnx
+
+        onnx.save(onnx.load(str(fp32)), str(fused))  # loads external data too: the result is self-contained
         record["fp32"] = {"tool": None, "rejected": record["fp32"]}
         check["result"] = "rejected; the unfused graph is used"
     record["fp32"]["check"] = check

@@ -492,10 +492,9 @@ def test_export_leaves_the_current_directory_untouched(checkpoints, tmp_path, mo
 
 def test_working_directory_collects_stray_files_and_restores_the_cwd(tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    with pytest.raises(RuntimeError):
-        with onnx_ops.working_directory(tmp_path / "work"):
-            Path("scratch.data").write_bytes(b"x")
-            raise RuntimeError("a failing step")
+    with pytest.raises(RuntimeError), onnx_ops.working_directory(tmp_path / "work"):
+        Path("scratch.data").write_bytes(b"x")
+        raise RuntimeError("a failing step")
     assert Path.cwd() == tmp_path and sorted(p.name for p in tmp_path.iterdir()) == ["work"]
     assert (tmp_path / "work" / "scratch.data").is_file()
 
@@ -566,3 +565,28 @@ def test_dequantized_weights_are_the_int8_weights(checkpoints, tmp_path):
     # Same scores as the int8 source up to its activation rounding.
     subject = gate.GateSubject("cross-encoder", src / "tokenizer.json", 128, "logits")
     assert gate.agreement(subject, src / "model.onnx", tmp_path / "fp32.onnx", gate.load_calibration()) < 0.05
+
+
+def test_an_inexact_optimization_is_rejected(checkpoints, tmp_path, monkeypatch):
+    """Should a fusion change the outputs, the unfused graph is kept, and the manifest says so."""
+    import onnx
+    from onnx import numpy_helper
+
+    real = onnx_ops.optimize_fp32
+
+    def perturbed(src, dst, work, model_type):
+        record = real(src, dst, work, model_type)
+        model = onnx.load(str(dst))
+        init = next(i for i in model.graph.initializer if len(i.dims) == 2 and i.dims[0] == i.dims[1] == 32)
+        init.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(init) * 1.5, init.name))
+        onnx.save(model, str(dst))
+        return record
+
+    monkeypatch.setattr(onnx_ops, "optimize_fp32", perturbed)
+    export_model(resolve_source(str(checkpoints["cross"]), "cross-encoder"), tmp_path, ExportOptions(), stream=quiet())
+    model_dir = verify_model_dir(tmp_path / "cross-encoder", "cross-encoder")
+    fp32 = model_dir.manifest["optimization"]["fp32"]
+    assert fp32["tool"] is None and fp32["check"]["result"].startswith("rejected")
+    assert fp32["check"]["max_difference"] > pipeline.FUSION_TOLERANCE
+    assert "Attention" not in onnx_ops.inspect_onnx(model_dir.path / "model_fp32.onnx").op_counts
+    assert model_dir.manifest["gate"]["passed"]
