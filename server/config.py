@@ -48,7 +48,7 @@ class Config:
     # -- runtime
     execution_provider: str = knob("cpu", "ONNX Runtime execution provider", choices=("cpu", "cuda"))
     intra_op_threads: int = knob(0, "ONNX Runtime intra-op threads per session (0 = number of CPU cores)")
-    ort_allow_spinning: bool = knob(True, "let ONNX Runtime worker threads spin between ops (lower latency on an idle machine; off can help when cores are shared)")
+    ort_allow_spinning: bool = knob(False, "let ONNX Runtime worker threads spin between ops (lower latency on an idle machine; off can help when cores are shared)")
     # -- batching (one batcher per model)
     batching: bool = knob(True, "dynamic batching across requests (off: each request's work runs alone)")
     embed_max_batch_tokens: int = knob(8192, "bi-encoder: most padded tokens in one batch")
@@ -56,7 +56,7 @@ class Config:
     embed_max_delay_ms: float = knob(2.0, "bi-encoder: longest wait for more work once a batch has started to fill")
     embed_max_queued_tokens: int = knob(1_000_000, "bi-encoder: queued-token bound; beyond it RESOURCE_EXHAUSTED")
     rerank_max_batch_tokens: int = knob(4096, "cross-encoder: most padded tokens in one batch")
-    rerank_max_batch_size: int = knob(32, "cross-encoder: most pairs in one batch")
+    rerank_max_batch_size: int = knob(16, "cross-encoder: most pairs in one batch (16 beat 32 here: less padding, attention grows with length squared)")
     rerank_max_delay_ms: float = knob(2.0, "cross-encoder: longest wait for more work once a batch has started to fill")
     rerank_max_queued_tokens: int = knob(1_000_000, "cross-encoder: queued-token bound; beyond it RESOURCE_EXHAUSTED")
     # -- index
