@@ -53,7 +53,7 @@ class Config:
     batching: bool = knob(True, "dynamic batching across requests (off: each request's work runs alone)")
     embed_max_batch_tokens: int = knob(8192, "bi-encoder: most padded tokens in one batch")
     embed_max_batch_size: int = knob(64, "bi-encoder: most texts in one batch")
-    embed_max_delay_ms: float = knob(2.0, "bi-encoder: longest wait for more work once a batch has started to fill")
+    embed_max_delay_ms: float = knob(0.5, "bi-encoder: longest wait for more work once a batch has started to fill (small: a lone query pays it in full)")
     embed_max_queued_tokens: int = knob(1_000_000, "bi-encoder: queued-token bound; beyond it RESOURCE_EXHAUSTED")
     rerank_max_batch_tokens: int = knob(4096, "cross-encoder: most padded tokens in one batch")
     rerank_max_batch_size: int = knob(16, "cross-encoder: most pairs in one batch (16 beat 32 here: less padding, attention grows with length squared)")
