@@ -21,7 +21,27 @@ def make_config(models: Path, index: Path, **overrides) -> Config:
     return cfg
 
 
-class ServerThread:
+class Channels:
+    """Insecure loopback channels and stubs to `self.target`, closed together by `close_channels()`."""
+
+    _channels: list[grpc.Channel]
+    target: str
+
+    def channel(self) -> grpc.Channel:
+        ch = grpc.insecure_channel(self.target)
+        self._channels.append(ch)
+        return ch
+
+    def stub(self) -> pb_grpc.TwoStageStub:
+        return pb_grpc.TwoStageStub(self.channel())
+
+    def close_channels(self) -> None:
+        for ch in self._channels:
+            ch.close()
+        self._channels.clear()
+
+
+class ServerThread(Channels):
     """Starts the server on its own event loop; `.target`, `.running`, `.stub()`; stop() drains it."""
 
     def __init__(self, config: Config, wait: bool = True):
@@ -44,17 +64,8 @@ class ServerThread:
     def target(self) -> str:
         return f"127.0.0.1:{self.running.port}"
 
-    def channel(self) -> grpc.Channel:
-        ch = grpc.insecure_channel(self.target)
-        self._channels.append(ch)
-        return ch
-
-    def stub(self) -> pb_grpc.TwoStageStub:
-        return pb_grpc.TwoStageStub(self.channel())
-
     def stop(self, grace: float = 1.0) -> None:
-        for ch in self._channels:
-            ch.close()
+        self.close_channels()
         try:
             self.call(self.running.stop(grace), timeout=60)
         finally:

@@ -24,6 +24,7 @@ import numpy as np
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from server_harness import Channels
 from twostage.server.config import Config
 from twostage.server.index import DocumentIndex, IndexSettings, staging_dir
 from twostage.v1 import twostage_pb2 as pb
@@ -53,7 +54,7 @@ def open_index(index: Path, models: Path) -> DocumentIndex:
     return DocumentIndex.open(index, dimension_of(models), IndexSettings.from_config(Config()))
 
 
-class ServeProcess:
+class ServeProcess(Channels):
     """`twostage serve` on free loopback ports (read back from its JSON "listening" log line)."""
 
     def __init__(self, models: Path, index: Path, *flags: str):
@@ -83,14 +84,6 @@ class ServeProcess:
     @property
     def target(self) -> str:
         return f"127.0.0.1:{self.port}"
-
-    def channel(self) -> grpc.Channel:
-        ch = grpc.insecure_channel(self.target)
-        self._channels.append(ch)
-        return ch
-
-    def stub(self) -> pb_grpc.TwoStageStub:
-        return pb_grpc.TwoStageStub(self.channel())
 
     def wait_listening(self, timeout: float = 60.0) -> bool:
         """True once the port is known; False if the process exited first."""
@@ -126,11 +119,6 @@ class ServeProcess:
         code = self.proc.wait(timeout)
         self.close_channels()
         return code
-
-    def close_channels(self) -> None:
-        for ch in self._channels:
-            ch.close()
-        self._channels.clear()
 
     def __enter__(self) -> "ServeProcess":
         return self
