@@ -82,6 +82,12 @@ def resolve_threads(threads: int) -> int:
     return threads if threads > 0 else available_cpus()
 
 
+def server_threads(threads: int) -> dict[str, int]:
+    """Config knobs that give the twostage server `threads` CPUs: one single-thread inference worker per CPU
+    (its default layout when `threads` is every CPU)."""
+    return {"inference_workers": threads, "intra_op_threads": 1}
+
+
 # ----------------------------------------------------------------------------------------- datasets
 @dataclass
 class Dataset:

@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 
 from bench.common import (REPO_ROOT, ServerProcess, base_parser, dir_size_bytes, finish_common_args, format_table,
-                          resolve_threads, save_result)
+                          resolve_threads, save_result, server_threads)
 from bench.search import synthetic_data, usearch_index
 from twostage.server.index import STORE_FILE
 
@@ -82,7 +82,7 @@ def warm_requests(server: ServerProcess) -> None:
 
 
 def server_rss(models: Path, index_dir: Path, threads: int) -> dict[str, int]:
-    with ServerProcess(models, index_dir, intra_op_threads=threads) as server:
+    with ServerProcess(models, index_dir, **server_threads(threads)) as server:
         ready = server.rss_bytes()
         warm_requests(server)
         return {"rss_serving": ready, "rss_after_requests": server.rss_bytes(), "peak_rss": server.peak_rss_bytes()}

@@ -62,6 +62,7 @@ def file_sha256(path: Path) -> str:
 def corpus_index(models: Path, corpus: Path, cache: Path, threads: int, dtype: str = "f32",
                  connectivity: int = 16, expansion_add: int = 128, expansion_search: int = 128) -> tuple[Path, dict[str, Any]]:
     """Build (or reuse) an index of `corpus` embedded by `models`' bi-encoder; returns the directory and build facts."""
+    from bench.common import server_threads
     from twostage.server.cli import BackgroundEmbedder
     from twostage.server.config import Config
     from twostage.server.index import IndexSettings
@@ -77,7 +78,7 @@ def corpus_index(models: Path, corpus: Path, cache: Path, threads: int, dtype: s
     if done.is_file() and index_dir.is_dir():
         return index_dir, json.loads(done.read_text())
     index_dir.parent.mkdir(parents=True, exist_ok=True)
-    config = Config(models=str(models), index=str(index_dir), intra_op_threads=threads, index_dtype=dtype,
+    config = Config(models=str(models), index=str(index_dir), **server_threads(threads), index_dtype=dtype,
                     index_connectivity=connectivity, index_expansion_add=expansion_add,
                     index_expansion_search=expansion_search, log_format="text", log_level="warning")
     t0 = time.perf_counter()

@@ -32,7 +32,7 @@ from typing import Any
 
 
 from bench.common import (Dataset, ServerProcess, base_parser, document_text, finish_common_args, format_table,
-                          load_dataset, resolve_threads, save_result)
+                          load_dataset, resolve_threads, save_result, server_threads)
 from bench.ir_metrics import evaluate
 from bench.prepare import corpus_index, fp32_model_set
 
@@ -135,7 +135,7 @@ def run_dataset(args: argparse.Namespace, name: str, threads: int) -> dict[str, 
     try:
         for label, (models, index_dir) in variants.items():
             shutil.copytree(index_dir, work / label)
-            servers[label] = ServerProcess(models, work / label, intra_op_threads=threads).start()
+            servers[label] = ServerProcess(models, work / label, **server_threads(threads)).start()
         a = servers["int8"].stub()
         b = servers["fp32"].stub() if "fp32" in servers else None
         diffs, extra_pairs = [], 0

@@ -36,7 +36,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 
 from bench.common import (ServerProcess, base_parser, dir_size_bytes, finish_common_args, format_table,
-                          load_dataset, resolve_threads, save_result, summarize)
+                          load_dataset, resolve_threads, save_result, summarize, server_threads)
 
 K = 100
 
@@ -264,7 +264,7 @@ def embed_latencies(models: Path, texts: list[str], threads: int) -> list[float]
     from twostage.server.cli import BackgroundEmbedder
     from twostage.server.config import Config
 
-    embedder = BackgroundEmbedder(Config(models=str(models), intra_op_threads=threads))
+    embedder = BackgroundEmbedder(Config(models=str(models), **server_threads(threads)))
     try:
         embedder.embed(texts[:2])
         return [timed(lambda: embedder.embed([t]))[1] for t in texts]
@@ -285,7 +285,7 @@ def scifact_section(args: argparse.Namespace, threads: int, latency_queries: int
     try:
         shutil.copytree(index_dir, work / "index")
         lat, timings, results = [], [], []
-        with ServerProcess(args.models, work / "index", intra_op_threads=threads) as server:
+        with ServerProcess(args.models, work / "index", **server_threads(threads)) as server:
             stub = server.stub()
             for q in queries[:2]:
                 stub.Search(pb.SearchRequest(query=q, skip_rerank=True, ids_only=True, top_k=K, candidates=K), timeout=60)
@@ -301,7 +301,7 @@ def scifact_section(args: argparse.Namespace, threads: int, latency_queries: int
         from twostage.server.cli import BackgroundEmbedder
         from twostage.server.config import Config
 
-        embedder = BackgroundEmbedder(Config(models=str(args.models), intra_op_threads=threads))
+        embedder = BackgroundEmbedder(Config(models=str(args.models), **server_threads(threads)))
         try:
             vectors = np.concatenate([embedder.embed([q]) for q in queries])  # one at a time, as the RPC does
         finally:

@@ -35,7 +35,7 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import ServerProcess, base_parser, finish_common_args, format_table, save_result, summarize
+from bench.common import ServerProcess, base_parser, finish_common_args, format_table, save_result, summarize, server_threads
 
 EXPECTED_CODES = {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
 KINDS = ("search", "rerank", "upsert")
@@ -297,7 +297,7 @@ def main(argv: list[str] | None = None) -> int:
     workdir = Path(tempfile.mkdtemp(prefix="twostage-soak-"))
     try:
         server = ServerProcess(args.models, workdir / "index", log_path=workdir / "server.log",
-                               max_concurrent_rpcs=args.max_concurrent_rpcs, intra_op_threads=args.threads,
+                               max_concurrent_rpcs=args.max_concurrent_rpcs, **server_threads(args.threads),
                                rerank_max_batch_size=32)
         with server:
             corpus_ids = seed_index(server, args.documents, args.seed)

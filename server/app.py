@@ -13,7 +13,6 @@ import logging
 import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
@@ -24,12 +23,12 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from twostage.server.auth import ApiKeyInterceptor, DecodeGuardInterceptor
-from twostage.server.batcher import Batcher
+from twostage.server.batcher import Batcher, InferencePool
 from twostage.server.config import Config
 from twostage.server.engine import Engine
 from twostage.server.index import DocumentIndex, IndexSettings
 from twostage.server.metrics import Metrics
-from twostage.server.runtime import load_model_set
+from twostage.server.runtime import load_model_set, thread_layout
 from twostage.server.service import TwoStageService
 from twostage.v1 import twostage_pb2 as pb
 from twostage.v1 import twostage_pb2_grpc as pb_grpc
@@ -114,12 +113,12 @@ def load_engine(config: Config, metrics: Metrics | None) -> Engine:
     embedder, reranker = load_model_set(Path(config.models), config)
     index = DocumentIndex.open(Path(config.index), embedder.dimension, IndexSettings.from_config(config))
 
-    # One inference thread for both models: each session already uses every core (intra_op_threads), so two
-    # batches running at once would only fight over them.
-    executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="twostage-inference")
+    # One pool of workers for both models, sized with the sessions' intra-op threads to the cores.
+    workers, _ = thread_layout(config)
+    pool = InferencePool(workers)
 
     def batcher(name: str, model: Any, prefix: str) -> Batcher:
-        return Batcher(name, model.run_batch, executor=executor,
+        return Batcher(name, model.run_batch, pool=pool,
                        max_batch_tokens=getattr(config, f"{prefix}_max_batch_tokens"),
                        max_batch_size=getattr(config, f"{prefix}_max_batch_size"),
                        max_delay_ms=getattr(config, f"{prefix}_max_delay_ms"),
@@ -129,7 +128,7 @@ def load_engine(config: Config, metrics: Metrics | None) -> Engine:
     engine = Engine(config, embedder, reranker, index,
                     embed_batcher=batcher("bi-encoder", embedder, "embed"),
                     rerank_batcher=batcher("cross-encoder", reranker, "rerank"))
-    engine.executor = executor
+    engine.pool = pool
     return engine
 
 
@@ -194,7 +193,7 @@ class RunningServer:
             await engine.embed_batcher.stop(drain_timeout=1.0)
             await engine.rerank_batcher.stop(drain_timeout=1.0)
             await asyncio.to_thread(engine.index.close)
-            engine.executor.shutdown(wait=False)
+            engine.pool.shutdown()
         self.metrics.close()
         log.info("stopped")
 

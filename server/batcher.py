@@ -1,9 +1,16 @@
 """Dynamic batching of model work across concurrent requests (one `Batcher` per model, asyncio).
 
 A request submits its encoded items (texts or pairs) and awaits one `BatchResult` with a row per item, in
-the caller's order. A single loop task forms batches from the pending pool and runs each in a worker thread
-(`run_in_executor`; by default a private single-thread executor, so batches never compete for the cores;
-pass one shared single-thread executor to serialize several models), so the event loop keeps serving.
+the caller's order. A loop task forms batches from the pending pool and runs each on a worker thread of an
+`InferencePool` (ONNX Runtime releases the GIL, so the event loop keeps serving). The pool is shared by the
+batchers of a process and runs at most `workers` batches at once, across models; a batch is formed only
+when a worker is free, so work that arrives while every worker is busy joins the next batch.
+
+Why several small batches at once instead of one big batch on all cores: on this 2-core CPU, 100 MS MARCO
+pairs through the 12-layer int8 reranker took a median 951 ms as batches of at most 256 padded tokens on two
+single-thread workers, against 1,400-1,500 ms as batches of 16 pairs on one two-thread worker (same session;
+/tmp measurements recorded in docs/benchmarks.md): no per-op thread hand-offs, and a batch's activations stay
+in the core's cache.
 
 Batch limits: at most ``max_batch_size`` items and at most ``max_batch_tokens`` padded tokens (count x longest
 item). An item longer than the token budget runs alone. When the loop is idle and the pending work cannot
@@ -33,8 +40,9 @@ from __future__ import annotations
 
 import asyncio
 import itertools
+import threading
 import time
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
@@ -57,7 +65,8 @@ class BatchStats:
     """Where one request's model time went."""
 
     queue_ms: float = 0.0      # submit -> first of its items entered a batch
-    inference_ms: float = 0.0  # wall time of the batches that carried its items
+    inference_ms: float = 0.0  # wall time from the start of its first batch to the end of its last (batches of
+                               # one request may run at once on several workers, so this is not their sum)
     batches: int = 0
     items: int = 0
     tokens: int = 0            # real (unpadded) tokens
@@ -67,6 +76,41 @@ class BatchStats:
 class BatchResult:
     outputs: np.ndarray        # one row per submitted item, in submit order
     stats: BatchStats
+
+
+class InferencePool:
+    """Worker threads that run model batches: at most `workers` at once, shared by every batcher given it.
+
+    A batcher takes a slot (`acquire`) before it forms a batch and gives it back (`release`) when the batch is
+    done; waiting batchers get slots in the order they asked. Slots are per event loop (the first loop that
+    acquires one owns the pool).
+    """
+
+    def __init__(self, workers: int = 1, name: str = "twostage-inference"):
+        if workers <= 0:
+            raise ValueError(f"inference pool: workers must be > 0 (got {workers})")
+        self.workers = workers
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+        self._slots: asyncio.Semaphore | None = None
+        self._lock = threading.Lock()
+        self.busy = 0
+
+    def _semaphore(self) -> asyncio.Semaphore:
+        with self._lock:
+            if self._slots is None:
+                self._slots = asyncio.Semaphore(self.workers)
+            return self._slots
+
+    async def acquire(self) -> None:
+        await self._semaphore().acquire()
+        self.busy += 1
+
+    def release(self) -> None:
+        self.busy -= 1
+        self._semaphore().release()
+
+    def shutdown(self) -> None:
+        self.executor.shutdown(wait=False)
 
 
 class _Request:
@@ -85,6 +129,8 @@ class _Request:
         self.future = future
         self.submitted = time.monotonic()
         self.outputs: np.ndarray | None = None
+        self.first_started = float("inf")  # perf_counter span of its batches
+        self.last_ended = float("-inf")
         self.stats = BatchStats(items=len(items), tokens=self.undispatched_tokens)
 
     @property
@@ -104,7 +150,7 @@ class Batcher:
 
     def __init__(self, name: str, run_batch: Callable[[list[Encoded]], np.ndarray], *, max_batch_tokens: int,
                  max_batch_size: int, max_delay_ms: float, max_queued_tokens: int, enabled: bool = True,
-                 executor: Executor | None = None, metrics: BatchMetrics | None = None):
+                 pool: InferencePool | None = None, metrics: BatchMetrics | None = None):
         for knob, value in (("max_batch_tokens", max_batch_tokens), ("max_batch_size", max_batch_size),
                             ("max_queued_tokens", max_queued_tokens)):
             if value <= 0:
@@ -117,8 +163,9 @@ class Batcher:
         self.max_queued_tokens = max_queued_tokens
         self.enabled = enabled
         self.metrics = metrics
-        self._own_executor = executor is None
-        self._executor = executor or ThreadPoolExecutor(max_workers=1, thread_name_prefix=f"batcher-{name}")
+        self._own_pool = pool is None
+        self.pool = pool or InferencePool(1, name=f"batcher-{name}")
+        self._running: set[asyncio.Task] = set()  # batches on a worker
         self._pending: list[_Request] = []      # requests with undispatched items, in sort_key order
         self._queued_tokens = 0
         self._dispatched_tokens = 0             # the virtual clock of the finish tags
@@ -143,16 +190,14 @@ class Batcher:
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout=max(0.0, drain_timeout))
             except asyncio.TimeoutError:
-                self._task.cancel()
-                try:
-                    await self._task
-                except asyncio.CancelledError:
-                    pass
+                for task in [self._task, *self._running]:
+                    task.cancel()
+                await asyncio.gather(self._task, *self._running, return_exceptions=True)
             self._task = None
         for request in list(self._pending):
             self._fail(request, Unavailable(f"{self.name} batcher stopped before this request's work ran"))
-        if self._own_executor:
-            self._executor.shutdown(wait=False)
+        if self._own_pool:
+            self.pool.shutdown()
 
     @property
     def queued_tokens(self) -> int:
@@ -260,21 +305,22 @@ class Batcher:
             owners.append((request, indices))
         return batch, owners
 
-    async def _next_batch(self) -> tuple[list[Encoded], list[tuple[_Request, list[int]]]] | None:
-        """Wait for work (up to max_delay_ms for a batch to fill) and take a batch; None when stopping."""
+    async def _work_ready(self) -> bool:
+        """Wait until a batch should be formed (full, or the oldest item waited max_delay_ms); False when
+        stopping with nothing left."""
         while True:
             self._drop_expired(time.monotonic())
             if not self._pending:
                 if self._closing:
-                    return None
+                    return False
                 self._wake.clear()
                 await self._wake.wait()
                 continue
-            plan, full = self._plan()
+            _, full = self._plan()
             oldest = min(r.submitted for r in self._pending)
             wait = oldest + self.max_delay_s - time.monotonic()
             if full or wait <= 0 or not self.enabled or self._closing:
-                return self._take(plan)
+                return True
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=wait)
@@ -282,37 +328,60 @@ class Batcher:
                 pass
 
     # ------------------------------------------------------------------ execution
-    def _timed_run(self, batch: list[Encoded]) -> tuple[np.ndarray, float]:
+    def _timed_run(self, batch: list[Encoded]) -> tuple[np.ndarray, float, float]:
         started = time.perf_counter()
         outputs = self.run_batch(batch)
-        return outputs, time.perf_counter() - started
+        return outputs, started, time.perf_counter()
 
     async def _loop(self) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            taken = await self._next_batch()
-            if taken is None:
-                return
-            batch, owners = taken
-            try:
-                outputs, seconds = await loop.run_in_executor(self._executor, self._timed_run, batch)
-                outputs = np.asarray(outputs)
-                if len(outputs) != len(batch):
-                    raise RuntimeError(f"{self.name}: model returned {len(outputs)} rows for a batch of {len(batch)}")
-            except asyncio.CancelledError:
-                for request, _ in owners:
-                    self._fail(request, Unavailable(f"{self.name} batcher stopped while this request's work ran"))
-                raise
-            except Exception as exc:  # the model failed: every request in the batch fails with it
-                for request, _ in owners:
-                    self._fail(request, exc)
-                continue
-            if self.metrics is not None:
-                self.metrics.observe_batch(self.name, len(batch), sum(len(e) for e in batch),
-                                           padded_tokens(batch), seconds)
-            self._deliver(outputs, seconds, owners)
+        try:
+            while await self._work_ready():
+                await self.pool.acquire()
+                # The batch is formed now, with everything that arrived while waiting for the worker.
+                self._drop_expired(time.monotonic())
+                if not self._pending:
+                    self.pool.release()
+                    continue
+                plan, _ = self._plan()
+                batch, owners = self._take(plan)
+                task = loop.create_task(self._run(loop, batch, owners), name=f"batch-{self.name}")
+                self._running.add(task)
+                task.add_done_callback(self._running.discard)
+            if self._running:
+                await asyncio.gather(*self._running, return_exceptions=True)
+        except asyncio.CancelledError:
+            for task in list(self._running):
+                task.cancel()
+            raise
 
-    def _deliver(self, outputs: np.ndarray, seconds: float, owners: list[tuple[_Request, list[int]]]) -> None:
+    async def _run(self, loop: asyncio.AbstractEventLoop, batch: list[Encoded],
+                   owners: list[tuple[_Request, list[int]]]) -> None:
+        """Run one batch on a pool worker (the slot is already held; released here) and hand out its rows."""
+        try:
+            outputs, started, ended = await loop.run_in_executor(self.pool.executor, self._timed_run, batch)
+            outputs = np.asarray(outputs)
+            if len(outputs) != len(batch):
+                raise RuntimeError(f"{self.name}: model returned {len(outputs)} rows for a batch of {len(batch)}")
+        except asyncio.CancelledError:
+            for request, _ in owners:
+                self._fail(request, Unavailable(f"{self.name} batcher stopped while this request's work ran"))
+            raise
+        except Exception as exc:  # the model failed: every request in the batch fails with it
+            for request, _ in owners:
+                self._fail(request, exc)
+            return
+        finally:
+            self.pool.release()
+            if self._wake is not None:
+                self._wake.set()
+        if self.metrics is not None:
+            self.metrics.observe_batch(self.name, len(batch), sum(len(e) for e in batch),
+                                       padded_tokens(batch), ended - started)
+        self._deliver(outputs, started, ended, owners)
+
+    def _deliver(self, outputs: np.ndarray, started: float, ended: float,
+                 owners: list[tuple[_Request, list[int]]]) -> None:
         row = 0
         for request, indices in owners:
             rows = outputs[row:row + len(indices)]
@@ -322,7 +391,9 @@ class Batcher:
             if request.outputs is None:
                 request.outputs = np.empty((len(request.items),) + rows.shape[1:], dtype=rows.dtype)
             request.outputs[indices] = rows
-            request.stats.inference_ms += seconds * 1000.0
+            request.first_started = min(request.first_started, started)
+            request.last_ended = max(request.last_ended, ended)
+            request.stats.inference_ms = (request.last_ended - request.first_started) * 1000.0
             request.stats.batches += 1
             request.remaining -= len(indices)
             if request.remaining == 0:

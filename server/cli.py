@@ -51,8 +51,8 @@ class BackgroundEmbedder:
     `index build` embeds through exactly the code path the server uses."""
 
     def __init__(self, config: Config):
-        from twostage.server.batcher import Batcher
-        from twostage.server.runtime import load_embedding_model
+        from twostage.server.batcher import Batcher, InferencePool
+        from twostage.server.runtime import load_embedding_model, thread_layout
 
         self.model = load_embedding_model(Path(config.models), config)
         self._loop = asyncio.new_event_loop()
@@ -60,7 +60,8 @@ class BackgroundEmbedder:
         self._thread.start()
         self.batcher = Batcher("bi-encoder", self.model.run_batch, max_batch_tokens=config.embed_max_batch_tokens,
                                max_batch_size=config.embed_max_batch_size, max_delay_ms=config.embed_max_delay_ms,
-                               max_queued_tokens=max(config.embed_max_queued_tokens, 10_000_000), enabled=True)
+                               max_queued_tokens=max(config.embed_max_queued_tokens, 10_000_000), enabled=True,
+                               pool=InferencePool(thread_layout(config)[0], name="index-build"))
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result()
 
     async def _start(self) -> None:
@@ -79,6 +80,7 @@ class BackgroundEmbedder:
 
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self.batcher.stop(drain_timeout=1.0), self._loop).result()
+        self.batcher.pool.shutdown()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
 

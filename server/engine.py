@@ -189,7 +189,7 @@ class Engine:
         self.embed_batcher = embed_batcher
         self.rerank_batcher = rerank_batcher
         self.positive_label = int(reranker.manifest.get("positive_label", 0) or 0)
-        self.executor: Any = None  # the inference thread pool shared by both batchers (set by app.load_engine)
+        self.pool: Any = None  # the InferencePool shared by both batchers (set by app.load_engine)
 
     # ---------------------------------------------------------------- embed
     async def _embed_texts(self, texts: list[str], timing: Timing, deadline: float | None,

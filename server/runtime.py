@@ -1,8 +1,9 @@
 """ONNX Runtime sessions for the two models of a model set.
 
-One `InferenceSession` per verified model directory (`verify_model_dir`), with all graph optimizations,
-`intra_op_threads` from the config (0 = the CPUs this process may run on), one inter-op thread and
-sequential execution: batches are serialized by the batcher, so one batch gets all intra-op threads.
+One `InferenceSession` per verified model directory (`verify_model_dir`), with all graph optimizations, one
+inter-op thread and sequential execution. Up to `inference_workers` batches call `run` on a session at once
+(ONNX Runtime sessions are thread-safe), each with `intra_op_threads` threads; `thread_layout` resolves the
+two knobs (default: one single-thread worker per CPU core).
 Execution provider: "cpu" -> CPUExecutionProvider; "cuda" -> CUDA first, CPU as fallback (ONNX Runtime
 falls back with a warning when CUDA is not available; `providers` reports what is actually in use).
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import logging
 import os
+import threading
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -57,6 +59,14 @@ def providers_for(execution_provider: str) -> list[str]:
     return chosen
 
 
+def thread_layout(config: Config) -> tuple[int, int]:
+    """(inference workers, intra-op threads per worker) from the config's 0 = automatic values."""
+    cores = available_cpus()
+    workers = config.inference_workers or (cores if config.execution_provider == "cpu" else 1)
+    threads = config.intra_op_threads or max(1, cores // workers)
+    return workers, threads
+
+
 def session_options(intra_op_threads: int, allow_spinning: bool = True) -> ort.SessionOptions:
     opts = ort.SessionOptions()
     # Spinning threads answer faster between ops but burn CPU the other model's batch could use.
@@ -94,8 +104,9 @@ class OnnxModel:
         self.model_dir: ModelDir = verify_model_dir(Path(directory), self.role)
         self.manifest: dict[str, Any] = self.model_dir.manifest
         self.tokenizer = ModelTokenizer.from_file(self.model_dir.tokenizer_path)
+        _, threads = thread_layout(config)
         self.session = ort.InferenceSession(str(self.model_dir.model_path), sess_options=session_options(
-            config.intra_op_threads, config.ort_allow_spinning), providers=providers_for(config.execution_provider))
+            threads, config.ort_allow_spinning), providers=providers_for(config.execution_provider))
         self.input_types = {i.name: ONNX_INT_TYPES.get(i.type) for i in self.session.get_inputs()}
         unsupported = [name for name, dtype in self.input_types.items() if name not in KNOWN_INPUTS or dtype is None]
         if unsupported:
@@ -107,6 +118,7 @@ class OnnxModel:
             raise ManifestError(f"{self.model_dir.path / 'manifest.json'}: output {self.output_name!r} "
                                 f"not among the graph outputs {outputs}")
         self.sha256 = self.manifest["files"].get(self.manifest["model_file"]) or sha256_file(self.model_dir.model_path)
+        self._counting = threading.Lock()  # run_batch is called from several worker threads
         self.batches_run = 0
         self.real_tokens_run = 0
         self.padded_tokens_run = 0
@@ -143,9 +155,10 @@ class OnnxModel:
         padded = pad_batch(batch, self.tokenizer.pad_id)
         feeds = {name: padded[name].astype(dtype, copy=False) for name, dtype in self.input_types.items()}
         (output,) = self.session.run([self.output_name], feeds)
-        self.batches_run += 1
-        self.real_tokens_run += sum(len(e) for e in batch)
-        self.padded_tokens_run += padded_tokens(batch)
+        with self._counting:
+            self.batches_run += 1
+            self.real_tokens_run += sum(len(e) for e in batch)
+            self.padded_tokens_run += padded_tokens(batch)
         return self.postprocess(np.asarray(output), padded["attention_mask"])
 
     def postprocess(self, output: np.ndarray, attention_mask: np.ndarray) -> np.ndarray:

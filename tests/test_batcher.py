@@ -12,7 +12,7 @@ import time
 import numpy as np
 import pytest
 
-from twostage.server.batcher import Batcher
+from twostage.server.batcher import Batcher, InferencePool
 from twostage.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from twostage.server.tokenization import Encoded
 
@@ -364,3 +364,83 @@ def test_waits_up_to_max_delay_for_more_work_when_idle():
 
     run(scenario())
     assert model.batches == [[1, 2, 11, 12, 21, 22]]
+
+
+class ConcurrencyProbe(RecordingModel):
+    """A RecordingModel that holds each batch briefly and records how many batches ran at the same time."""
+
+    def __init__(self, hold_s: float = 0.05):
+        super().__init__()
+        self.hold_s = hold_s
+        self.running = 0
+        self.most_at_once = 0
+
+    def __call__(self, batch):
+        with self.lock:
+            self.running += 1
+            self.most_at_once = max(self.most_at_once, self.running)
+        try:
+            time.sleep(self.hold_s)
+            return super().__call__(batch)
+        finally:
+            with self.lock:
+                self.running -= 1
+
+
+def test_pool_runs_batches_of_one_request_on_several_workers_at_once():
+    model = ConcurrencyProbe()
+    pool = InferencePool(2)
+    items = [item(i + 1, 10) for i in range(8)]
+
+    async def scenario():
+        batcher = make(model, max_batch_size=2, pool=pool)
+        batcher.start()
+        result = await batcher.submit(items)
+        await batcher.stop()
+        return result
+
+    result = run(scenario())
+    pool.shutdown()
+    assert model.most_at_once == 2  # two workers busy, never more
+    assert result.outputs[:, 0].tolist() == list(range(1, 9))  # rows back in order although batches overlapped
+    assert result.stats.batches == 4
+
+
+def test_shared_pool_bounds_the_batches_of_all_batchers_together():
+    model = ConcurrencyProbe(hold_s=0.02)
+    pool = InferencePool(2)
+
+    async def scenario():
+        first, second = make(model, max_batch_size=1, pool=pool), make(model, max_batch_size=1, pool=pool)
+        first.start()
+        second.start()
+        results = await asyncio.gather(first.submit([item(i, 5) for i in range(1, 7)]),
+                                       second.submit([item(i, 5) for i in range(11, 17)]))
+        await first.stop()
+        await second.stop()
+        return results
+
+    a, b = run(scenario())
+    pool.shutdown()
+    assert model.most_at_once == 2  # 2 workers for both models: both ran at once, never 3 or 4
+    assert a.outputs[:, 0].tolist() == list(range(1, 7)) and b.outputs[:, 0].tolist() == list(range(11, 17))
+
+
+def test_work_arriving_while_every_worker_is_busy_joins_the_next_batch():
+    model = RecordingModel(gated=True)
+    pool = InferencePool(1)
+
+    async def scenario():
+        batcher = make(model, max_delay_ms=0.0, pool=pool)
+        batcher.start()
+        first = asyncio.create_task(batcher.submit([item(1, 4)]))
+        await wait_until(model.started.is_set)
+        later = [asyncio.create_task(batcher.submit([item(m, 4)])) for m in (2, 3, 4)]
+        await asyncio.sleep(0.05)
+        model.gate.set()
+        await asyncio.gather(first, *later)
+        await batcher.stop()
+
+    run(scenario())
+    pool.shutdown()
+    assert model.batches == [[1], [2, 3, 4]]
