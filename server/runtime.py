@@ -1,6 +1,7 @@
 """ONNX Runtime sessions for the two models of a model set.
 
-One `InferenceSession` per verified model directory (`verify_model_dir`), with all graph optimizations, one
+One `InferenceSession` per verified model directory (`verify_model_dir`), with all graph optimizations but
+`DISABLED_OPTIMIZERS` (shared with the export's gate, which therefore measures the graph as served), one
 inter-op thread and sequential execution. Up to `inference_workers` batches call `run` on a session at once
 (ONNX Runtime sessions are thread-safe), each with `intra_op_threads` threads; `thread_layout` resolves the
 two knobs (default: one single-thread worker per CPU core).
@@ -24,6 +25,7 @@ import numpy as np
 import onnxruntime as ort
 
 from twostage.export.manifest import ManifestError, ModelDir, sha256_file, verify_model_dir
+from twostage.export.onnx_ops import DISABLED_OPTIMIZERS
 from twostage.export.postprocess import embeddings_from_hidden
 from twostage.server.config import Config
 from twostage.server.tokenization import Encoded, ModelTokenizer, encode_pairs, encode_texts, padded_tokens
@@ -106,7 +108,8 @@ class OnnxModel:
         self.tokenizer = ModelTokenizer.from_file(self.model_dir.tokenizer_path)
         _, threads = thread_layout(config)
         self.session = ort.InferenceSession(str(self.model_dir.model_path), sess_options=session_options(
-            threads, config.ort_allow_spinning), providers=providers_for(config.execution_provider))
+            threads, config.ort_allow_spinning), providers=providers_for(config.execution_provider),
+            disabled_optimizers=list(DISABLED_OPTIMIZERS))
         self.input_types = {i.name: ONNX_INT_TYPES.get(i.type) for i in self.session.get_inputs()}
         unsupported = [name for name, dtype in self.input_types.items() if name not in KNOWN_INPUTS or dtype is None]
         if unsupported:
