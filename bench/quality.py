@@ -16,9 +16,11 @@ whose manifest points at it). Two real servers serve them. For every judged quer
   Rerank RPC with document_ids (same pair text and tokenization as Search); those lists are then ordered as the
   engine orders reranked hits (score, then stage-1 rank).
 
-The cross-encoder exists only as int8 (no fp32 checkpoint offline), so every two-stage figure uses the int8
-cross-encoder. Dynamic int8 quantization scales each batch by its own range, so a pair's score can differ
-slightly with the batch it ran in; the JSON records how much (Search scores vs. Rerank scores of the same pairs).
+The cross-encoder exists only as int8 offline (the packaged ms-marco-MiniLM-L-12-v2 is an int8 ONNX file; the
+export re-quantizes it with static scales), so every two-stage figure uses the served int8 cross-encoder; the
+fp32/int8 comparison is the bi-encoder's. The served graph is batch-invariant (static activation scales), so a
+pair scored inside Search and again by Rerank must get the same score; the JSON records the largest difference
+seen (Search scores vs. Rerank scores of the same pairs) as a check.
 """
 from __future__ import annotations
 

@@ -184,7 +184,7 @@ def faiss_index(base: np.ndarray, connectivity: int, expansion_add: int, threads
         facts = {"build_s": time.perf_counter() - t0, "threads": threads, "cached": False}
         faiss.write_index(index, str(path))
         record.write_text(json.dumps(facts))
-    facts["file_bytes"] = path.stat().st_size
+    facts.update({"file_bytes": path.stat().st_size, "file": str(path)})
     return index, facts
 
 
@@ -406,6 +406,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                    help="documents for the DocumentIndex measurement (default 100,000; quick 500; 0 = skip)")
     p.add_argument("--no-faiss", action="store_true", help="skip FAISS")
     p.add_argument("--no-scifact", action="store_true", help="skip the SciFact part (needs the model set)")
+    p.add_argument("--build-only", action="store_true",
+                   help="only build (and cache) the 1M-vector indexes, measure nothing: lets the long builds run "
+                        "while the machine is busy, and the timed run later on an idle machine (the recorded build "
+                        "times are then those of the busy machine)")
     args = finish_common_args(p.parse_args(argv))
     q = args.quick
     args.n = args.n if args.n is not None else (2000 if q else 1_000_000)
@@ -425,6 +429,19 @@ def main(argv: list[str] | None = None) -> int:
     args.cache.mkdir(parents=True, exist_ok=True)
     base, queries, truth, data_facts = synthetic_data(args.cache, args.n, args.dim, args.clusters, args.queries)
     tag = f"n{args.n}-d{args.dim}-c{args.clusters}"
+    if args.build_only:
+        built = [usearch_index(base, dtype, args.connectivity, args.expansion_add, threads, args.cache, tag)[1]
+                 for dtype in args.dtypes]
+        if not args.no_faiss:
+            built.append(faiss_index(base, args.connectivity, args.expansion_add, threads, args.cache, tag)[1])
+        for facts in built:
+            if not facts.get("cached") and facts.get("file"):
+                record = Path(facts["file"]).with_suffix(".json")
+                stored = json.loads(record.read_text())
+                stored["note"] = "built by --build-only: the machine may have been busy; build_s is an upper bound"
+                record.write_text(json.dumps(stored))
+            print({k: v for k, v in facts.items() if k != "file"})
+        return 0
     result: dict[str, Any] = {
         "config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}, "threads": threads,
         "synthetic": {"n": args.n, "dim": args.dim, "clusters": args.clusters, "queries": args.queries,
