@@ -17,10 +17,11 @@ import onnxruntime as ort
 import pytest
 
 from twostage.export.manifest import ManifestError, write_manifest
+from twostage.export.onnx_ops import DISABLED_OPTIMIZERS, inference_session
 from twostage.server.batcher import Batcher
 from twostage.server.config import Config
 from twostage.server.errors import InvalidArgument
-from twostage.server.runtime import CrossEncoderModel, EmbeddingModel, load_model_set, pad_batch
+from twostage.server.runtime import CrossEncoderModel, EmbeddingModel, load_model_set, pad_batch, thread_layout
 from twostage.server.tokenization import (ModelTokenizer, chunk_document_pairs, chunk_windows, encode_pairs,
                                           encode_texts, padded_tokens)
 
@@ -336,3 +337,39 @@ def test_loads_the_model_set_the_export_step_writes(tiny_models):
     alone = np.concatenate([reranker.run_batch([p]) for p in pairs])
     # served models may be dynamically quantized (activation scales per batch), hence the loose tolerance
     np.testing.assert_allclose(logits, alone, atol=0.05 * max(1.0, float(np.abs(alone).max())))
+
+
+def test_thread_layout_gives_each_core_one_single_thread_worker_by_default(monkeypatch):
+    import twostage.server.runtime as runtime
+
+    monkeypatch.setattr(runtime, "available_cpus", lambda: 8)
+    assert thread_layout(Config()) == (8, 1)
+    assert thread_layout(Config(inference_workers=2)) == (2, 4)
+    assert thread_layout(Config(inference_workers=3, intra_op_threads=5)) == (3, 5)
+    assert thread_layout(Config(execution_provider="cuda")) == (1, 8)
+
+
+def test_served_session_and_the_export_gate_session_give_identical_outputs(models, tiny_model_set):
+    """The gate measures the graph as it is served: same ONNX Runtime rewrites left out (DISABLED_OPTIMIZERS)."""
+    _, reranker = models
+    batch = reranker.encode("how do bees make honey", ["bees make honey", words(30), "cat"])
+    served = reranker.run_batch(batch)
+    gate_session = inference_session(tiny_model_set / "cross-encoder" / "model.onnx", threads=1)
+    feeds = {k: v for k, v in pad_batch(batch, reranker.tokenizer.pad_id).items()
+             if k in {i.name for i in gate_session.get_inputs()}}
+    (logits,) = gate_session.run(None, feeds)
+    np.testing.assert_array_equal(served[:, 0], np.asarray(logits).reshape(len(batch), -1)[:, 0])
+
+
+def test_server_and_export_gate_sessions_leave_out_the_same_rewrites(tiny_model_set, monkeypatch):
+    real = ort.InferenceSession
+    seen = []
+
+    def recording(*args, **kwargs):
+        seen.append(tuple(kwargs.get("disabled_optimizers") or ()))
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(ort, "InferenceSession", recording)
+    CrossEncoderModel(tiny_model_set / "cross-encoder", Config(intra_op_threads=1))
+    inference_session(tiny_model_set / "cross-encoder" / "model.onnx", threads=1)
+    assert seen == [DISABLED_OPTIMIZERS, DISABLED_OPTIMIZERS] and "SkipLayerNormFusion" in DISABLED_OPTIMIZERS
