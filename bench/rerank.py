@@ -509,7 +509,8 @@ def run_sweep(args: argparse.Namespace, workload: list[RerankRequestSpec], threa
               levels: list[int], docs_list: list[int], rounds: int) -> dict[str, Any]:
     servers = {True: ServerProcess(args.models, index_root / "on", **server_threads(threads), batching=True).start(),
                False: ServerProcess(args.models, index_root / "off", **server_threads(threads), batching=False).start()}
-    out: dict[str, Any] = {"levels": levels, "requests_per_client": rounds, "workloads": []}
+    out: dict[str, Any] = {"levels": levels, "requests_per_client_at_least": rounds,
+                           "requests_per_level_at_least": args.sweep_min_requests, "workloads": []}
     try:
         for server in servers.values():  # warm both up on the sweep's own requests
             closed_loop(server, workload, 2, 1, max(docs_list))
@@ -519,7 +520,8 @@ def run_sweep(args: argparse.Namespace, workload: list[RerankRequestSpec], threa
                 for mode in ((True, False) if li % 2 == 0 else (False, True)):
                     server = servers[mode]
                     before = parse_metrics(server.metrics_text())
-                    res = closed_loop(server, workload, clients, rounds, docs)
+                    per_client = max(rounds, -(-args.sweep_min_requests // clients))
+                    res = closed_loop(server, workload, clients, per_client, docs)
                     after = parse_metrics(server.metrics_text())
                     entry["batching_on" if mode else "batching_off"][str(clients)] = level_summary(res, before, after)
             entry["on_over_off_pairs_per_s"] = {
@@ -700,8 +702,12 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--infinity-in-quick", action="store_true", help="also start Infinity in --quick runs")
     p.add_argument("--sweep-clients", default=None, help="client counts (default 1,4,16,64; quick 1,2)")
     p.add_argument("--sweep-docs", default=None,
-                   help="passages per request in the sweep, comma-separated (default 100,10; quick 4)")
-    p.add_argument("--sweep-rounds", type=int, default=None, help="requests per client per level (default 2; quick 1)")
+                   help="passages per request in the sweep, comma-separated (default 100,10,1; quick 4)")
+    p.add_argument("--sweep-rounds", type=int, default=None,
+                   help="requests per client per level, at least (default 2; quick 1); every level sends at least "
+                        "--sweep-min-requests requests in all")
+    p.add_argument("--sweep-min-requests", type=int, default=None,
+                   help="requests per level at least, spread over its clients (default 16; quick 1)")
     p.add_argument("--floor-rows", type=int, default=None, help="rows (tokens) of the floor matmuls (default 4096)")
     p.add_argument("--pause-ms", type=float, default=None, help="pause before each contender call (default 200)")
     p.add_argument("--skip", default="", help="parts to skip, comma-separated: contenders, sweep, floor")
@@ -711,8 +717,9 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.long_requests = args.long_requests if args.long_requests is not None else (1 if q else 5)
     args.docs = args.docs if args.docs is not None else (6 if q else 100)
     args.sweep_clients = [int(x) for x in (args.sweep_clients or ("1,2" if q else "1,4,16,64")).split(",")]
-    args.sweep_docs = [int(x) for x in (args.sweep_docs or ("4" if q else "100,10")).split(",")]
+    args.sweep_docs = [int(x) for x in (args.sweep_docs or ("4" if q else "100,10,1")).split(",")]
     args.sweep_rounds = args.sweep_rounds if args.sweep_rounds is not None else (1 if q else 2)
+    args.sweep_min_requests = args.sweep_min_requests if args.sweep_min_requests is not None else (1 if q else 16)
     args.floor_rows = args.floor_rows if args.floor_rows is not None else (256 if q else 4096)
     args.pause_ms = args.pause_ms if args.pause_ms is not None else (0.0 if q else 200.0)
     args.skip = set(filter(None, args.skip.split(",")))
