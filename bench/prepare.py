@@ -51,6 +51,64 @@ def fp32_model_set(models: Path, cache: Path) -> Path:
     return out
 
 
+def source_onnx(manifest: dict[str, Any]) -> Path | None:
+    """The ONNX file a model directory was exported from (a packaged or local ONNX source), if it is here."""
+    from twostage.export.sources import PACKAGED_DEFAULTS, packaged_model_dir
+
+    source = manifest.get("fingerprint_inputs", {}).get("source", {})
+    if source.get("format") != "onnx" or not source.get("onnx_file"):
+        return None
+    directory: Path | None
+    if source.get("kind") == "package":
+        model = next((m for m in PACKAGED_DEFAULTS.values() if m.package == source.get("id")), None)
+        try:
+            directory = packaged_model_dir(model) if model is not None else None
+        except ModuleNotFoundError:
+            directory = None
+    else:
+        directory = Path(str(source.get("id", "")))
+    path = directory / source["onnx_file"] if directory is not None else None
+    return path if path is not None and path.is_file() else None
+
+
+def fp32_cross_encoder_set(models: Path, cache: Path) -> Path:
+    """A model set in `cache` whose cross-encoder is the fp32 rebuild of the served cross-encoder's int8 source:
+    the source's own weights, dequantized exactly (export/dequantize.py), run in fp32 (no activation
+    quantization). No fp32 checkpoint of the packaged reranker exists offline; this is the closest fp32 model.
+    The bi-encoder is the served one (symlinked)."""
+    import onnx
+
+    from twostage.export.dequantize import dequantize_model
+    from twostage.export.manifest import sha256_file
+
+    models = Path(models).resolve()
+    served = verify_model_dir(models / "cross-encoder", "cross-encoder")
+    source = source_onnx(served.manifest)
+    if source is None:
+        raise SystemExit(f"{served.path}: not exported from an int8 ONNX file found here; no fp32 rebuild to make")
+    out = Path(cache) / f"models-fp32-rebuild-cross-encoder-{file_sha256(source)[:12]}"
+    ce = out / "cross-encoder"
+    if (ce / "manifest.json").is_file():
+        return out
+    if out.exists():
+        shutil.rmtree(out)
+    ce.mkdir(parents=True)
+    record = dequantize_model(source, ce / "model.onnx")
+    files = {name: digest for name, digest in served.manifest["files"].items() if name != served.manifest["model_file"]}
+    for name in files:
+        os.symlink(served.path / name, ce / name)
+    files["model.onnx"] = sha256_file(ce / "model.onnx")
+    graph = onnx.load(str(ce / "model.onnx"), load_external_data=False).graph
+    manifest = dict(served.manifest, model_file="model.onnx", files=files, output=graph.output[0].name)
+    manifest["quantization"] = {"mode": "none", "note": f"fp32 rebuild of {source} made by bench/prepare.py",
+                                "rebuild": record}
+    manifest.pop("fp32_file", None)
+    (ce / "manifest.json").write_text(json.dumps(manifest, indent=2, sort_keys=True) + "\n")
+    os.symlink(models / "bi-encoder", out / "bi-encoder")
+    verify_model_dir(ce, "cross-encoder")
+    return out
+
+
 def file_sha256(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as fh:

@@ -36,9 +36,11 @@ from typing import Any
 from bench.common import (Dataset, ServerProcess, base_parser, document_text, finish_common_args, format_table,
                           load_dataset, resolve_threads, save_result, server_threads)
 from bench.ir_metrics import evaluate
-from bench.prepare import corpus_index, fp32_model_set
+from bench.prepare import corpus_index, fp32_cross_encoder_set, fp32_model_set
 
 DEPTH = 100
+TWO_STAGE_INT8 = "two-stage (int8 bi-encoder + int8 cross-encoder)"
+TWO_STAGE_CE_FP32 = "two-stage (int8 bi-encoder + fp32-rebuild cross-encoder)"
 REFERENCE = {"scifact": {"all-MiniLM-L6-v2 ndcg@10 (MTEB)": 0.645, "all-MiniLM-L6-v2 ndcg@10 (reproduced on this copy)": 0.6451,
                          "all-MiniLM-L6-v2 recall@100 (this copy)": 0.925, "BM25 k1=0.9 b=0.4 ndcg@10 (this copy)": 0.676}}
 
@@ -118,6 +120,12 @@ def run_dataset(args: argparse.Namespace, name: str, threads: int) -> dict[str, 
     except SystemExit as exc:
         facts["fp32_bi_encoder"] = f"skipped: {exc}"
     facts["index_s"] = time.perf_counter() - t0
+    ce_fp32_models = None
+    if args.ce_fp32_queries:
+        try:
+            ce_fp32_models = fp32_cross_encoder_set(args.models, args.cache)
+        except SystemExit as exc:
+            facts["fp32_cross_encoder"] = f"skipped: {exc}"
     bm25 = None
     if args.no_bm25:
         facts["bm25_stemming"] = "skipped (--no-bm25)"
@@ -138,8 +146,12 @@ def run_dataset(args: argparse.Namespace, name: str, threads: int) -> dict[str, 
         for label, (models, index_dir) in variants.items():
             shutil.copytree(index_dir, work / label)
             servers[label] = ServerProcess(models, work / label, **server_threads(threads)).start()
+        if ce_fp32_models is not None:
+            shutil.copytree(idx8, work / "ce-fp32")
+            servers["ce-fp32"] = ServerProcess(ce_fp32_models, work / "ce-fp32", **server_threads(threads)).start()
         a = servers["int8"].stub()
         b = servers["fp32"].stub() if "fp32" in servers else None
+        c = servers["ce-fp32"].stub() if "ce-fp32" in servers else None
         diffs, extra_pairs = [], 0
         t0 = time.perf_counter()
         for n, qid in enumerate(queries):
@@ -147,8 +159,12 @@ def run_dataset(args: argparse.Namespace, name: str, threads: int) -> dict[str, 
             resp = a.Search(pb.SearchRequest(query=query, top_k=DEPTH, candidates=DEPTH, ids_only=True), timeout=900)
             stage1 = [h.id for h in sorted(resp.hits, key=lambda h: h.retrieval_rank)]
             put("bi-encoder int8", qid, stage1)
-            put("two-stage (int8 bi-encoder + int8 cross-encoder)", qid, [h.id for h in resp.hits])
+            put(TWO_STAGE_INT8, qid, [h.id for h in resp.hits])
             scores = {h.id: h.rerank_score for h in resp.hits if h.reranked}
+            if c is not None and n < args.ce_fp32_queries:
+                scores32: dict[str, float] = {}
+                score_missing(c, query, stage1, scores32)
+                put(TWO_STAGE_CE_FP32, qid, rerank_order(stage1, scores32))
             if n < args.consistency_queries:
                 diffs.append(consistency(a, query, list(resp.hits)))
             if b is not None:
@@ -172,7 +188,14 @@ def run_dataset(args: argparse.Namespace, name: str, threads: int) -> dict[str, 
         for s in servers.values():
             s.stop()
         shutil.rmtree(work, ignore_errors=True)
-    methods = {m: evaluate(run, ds.qrels, queries, 10, DEPTH) for m, run in runs.items()}
+    methods = {m: evaluate(run, ds.qrels, queries, 10, DEPTH) for m, run in runs.items() if m != TWO_STAGE_CE_FP32}
+    if TWO_STAGE_CE_FP32 in runs:  # on its first queries only, beside the int8 cross-encoder on the same queries
+        subset = [q for q in queries if q in runs[TWO_STAGE_CE_FP32]]
+        facts["fp32_cross_encoder_queries"] = len(subset)
+        methods[f"{TWO_STAGE_INT8}, first {len(subset)} queries"] = evaluate(runs[TWO_STAGE_INT8], ds.qrels, subset,
+                                                                            10, DEPTH)
+        methods[f"{TWO_STAGE_CE_FP32}, first {len(subset)} queries"] = evaluate(runs[TWO_STAGE_CE_FP32], ds.qrels,
+                                                                               subset, 10, DEPTH)
     return {"dataset": name, "facts": facts, "methods": methods, "reference": REFERENCE.get(name, {})}
 
 
@@ -195,9 +218,14 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--consistency-queries", type=int, default=3,
                    help="queries whose Search scores are compared with Rerank scores of the same pairs")
     p.add_argument("--no-bm25", action="store_true", help="skip BM25 and the cross-encoder over BM25 candidates")
+    p.add_argument("--ce-fp32-queries", type=int, default=None,
+                   help="also rerank the first N queries' int8 bi-encoder candidates with the fp32 rebuild of the "
+                        "cross-encoder's int8 source (bench/prepare.py), to price the served re-quantization "
+                        "(default 50; quick 2; 0 = skip)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="print progress")
     args = finish_common_args(p.parse_args(argv))
     args.max_queries = args.max_queries if args.max_queries is not None else (3 if args.quick else 0)
+    args.ce_fp32_queries = args.ce_fp32_queries if args.ce_fp32_queries is not None else (2 if args.quick else 50)
     args.datasets = args.datasets.split(",")
     return args
 
@@ -211,8 +239,9 @@ def main(argv: list[str] | None = None) -> int:
         "notes": [
             "All rankings come from real twostage servers (Search and Rerank RPCs) over indexes built with the "
             "`twostage index build` code path; BM25 is bm25s.",
-            "The cross-encoder is int8 only (cross-encoder/ms-marco-MiniLM-L-12-v2 ships as int8 ONNX; no fp32 "
-            "checkpoint offline): fp32/int8 refers to the bi-encoder.",
+            "The cross-encoder ships as int8 ONNX only (cross-encoder/ms-marco-MiniLM-L-12-v2, no fp32 checkpoint "
+            "offline): fp32/int8 refers to the bi-encoder, except for the 'fp32-rebuild cross-encoder' rows: the "
+            "source's weights dequantized and run in fp32, on the first --ce-fp32-queries queries.",
             "Graded relevance (TREC DL grades 1-3) with linear gains for nDCG; recall counts grade > 0.",
             "trec-dl-2019-subset is a 5,000-passage sample: its figures are relative, not comparable with "
             "full-collection results.",

@@ -37,6 +37,7 @@ import numpy as np
 from bench.common import (Dataset, ServerProcess, base_parser, document_text, finish_common_args, format_table,
                           load_dataset, metric_delta, parse_metrics, ratio, resolve_threads, save_result,
                           server_threads, summarize)
+from bench.prepare import source_onnx
 from bench.reference_models import (BertShape, build_random_cross_encoder, export_fp32_onnx, infer_bert_shape,
                                     pair_ops)
 
@@ -245,25 +246,6 @@ SOURCE_INT8 = "plain ORT int8 session, source model (padded to longest)"
 SERVED_INT8 = "plain ORT int8 session, served graph (padded to longest)"
 
 
-def source_onnx(served: ServedCrossEncoder) -> Path | None:
-    """The ONNX file the served cross-encoder was exported from (packaged or local), if it is here."""
-    from twostage.export.sources import PACKAGED_DEFAULTS, packaged_model_dir
-
-    source = served.manifest.get("fingerprint_inputs", {}).get("source", {})
-    if source.get("format") != "onnx" or not source.get("onnx_file"):
-        return None
-    if source.get("kind") == "package":
-        model = next((m for m in PACKAGED_DEFAULTS.values() if m.package == source.get("id")), None)
-        try:
-            directory = packaged_model_dir(model) if model is not None else None
-        except ModuleNotFoundError:
-            directory = None
-    else:
-        directory = Path(str(source.get("id", "")))
-    path = directory / source["onnx_file"] if directory is not None else None
-    return path if path is not None and path.is_file() else None
-
-
 def pair_lengths(served: ServedCrossEncoder, spec: RerankRequestSpec) -> list[int]:
     """Token count of each pair as the server encodes it (its own tokenizer and truncation policy)."""
     from twostage.server.tokenization import ModelTokenizer, encode_pairs
@@ -304,7 +286,7 @@ def make_contenders(args: argparse.Namespace, served: ServedCrossEncoder, thread
             "plain ORT fp32 session (padded to longest)", fp32, ref_dir / "tokenizer.json", served.max_length,
             threads, "random weights, same architecture; all pairs in one run padded to the longest"))
     if "onnx-int8-source" in wanted:
-        source = source_onnx(served)
+        source = source_onnx(served.manifest)
         if source is None:
             skipped["onnx-int8-source"] = "the served cross-encoder was not exported from an ONNX file found here"
         else:
