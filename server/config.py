@@ -47,7 +47,7 @@ class Config:
     write_api_keys: list = knob([], "API keys allowed to call everything, including Upsert/Delete")
     # -- runtime
     execution_provider: str = knob("cpu", "ONNX Runtime execution provider", choices=("cpu", "cuda"))
-    inference_workers: int = knob(0, "batches that run at once, across both models, each on its own thread (0 = number of CPU cores with execution_provider cpu, 1 with cuda)")
+    inference_workers: int = knob(0, "batches that run at once, across both models, each on its own thread (0 = the CPUs this process may use, from its affinity mask and cgroup CPU quota, with execution_provider cpu; 1 with cuda)")
     intra_op_threads: int = knob(0, "ONNX Runtime intra-op threads per running batch (0 = CPU cores / inference_workers, at least 1)")
     ort_allow_spinning: bool = knob(False, "let ONNX Runtime worker threads spin between ops (lower latency on an idle machine; off can help when cores are shared)")
     # -- batching (one batcher per model)

@@ -40,11 +40,27 @@ KNOWN_INPUTS = ("input_ids", "attention_mask", "token_type_ids")
 ONNX_INT_TYPES = {"tensor(int64)": np.int64, "tensor(int32)": np.int32}
 
 
+def cgroup_cpu_limit(cpu_max: Path = Path("/sys/fs/cgroup/cpu.max")) -> int | None:
+    """Whole CPUs allowed by a cgroup v2 CPU quota (`docker run --cpus`, Kubernetes CPU limits), rounded up;
+    None when there is no quota or no cgroup v2 file."""
+    try:
+        quota, period = cpu_max.read_text().split()[:2]
+    except (OSError, ValueError):
+        return None
+    if quota == "max":
+        return None
+    try:
+        return max(1, -(-int(quota) // int(period)))
+    except (ValueError, ZeroDivisionError):
+        return None
+
+
 def available_cpus() -> int:
-    """CPUs this process may run on (the affinity mask in containers), else os.cpu_count()."""
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
+    """CPUs this process may use: its affinity mask (else os.cpu_count()), lowered to a cgroup CPU quota if
+    one is set, so that a container limited to 2 CPUs on a 64-core host runs 2 inference workers, not 64."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    limit = cgroup_cpu_limit()
+    return max(1, min(cpus, limit) if limit else cpus)
 
 
 def providers_for(execution_provider: str) -> list[str]:

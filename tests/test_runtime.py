@@ -373,3 +373,16 @@ def test_server_and_export_gate_sessions_leave_out_the_same_rewrites(tiny_model_
     CrossEncoderModel(tiny_model_set / "cross-encoder", Config(intra_op_threads=1))
     inference_session(tiny_model_set / "cross-encoder" / "model.onnx", threads=1)
     assert seen == [DISABLED_OPTIMIZERS, DISABLED_OPTIMIZERS] and "SkipLayerNormFusion" in DISABLED_OPTIMIZERS
+
+
+def test_a_cgroup_cpu_quota_caps_the_cpus_the_server_uses(tmp_path):
+    import twostage.server.runtime as runtime
+
+    cpu_max = tmp_path / "cpu.max"
+    cpu_max.write_text("150000 100000\n")  # docker run --cpus 1.5
+    assert runtime.cgroup_cpu_limit(cpu_max) == 2
+    cpu_max.write_text("max 100000\n")
+    assert runtime.cgroup_cpu_limit(cpu_max) is None
+    cpu_max.write_text("garbage")
+    assert runtime.cgroup_cpu_limit(cpu_max) is None
+    assert runtime.cgroup_cpu_limit(tmp_path / "missing") is None
