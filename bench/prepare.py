@@ -15,13 +15,24 @@ import time
 from pathlib import Path
 from typing import Any
 
-from twostage.export.manifest import read_manifest, verify_model_dir
+from twostage.export.manifest import read_manifest, sha256_file, verify_model_dir
 
 
 def bi_encoder_fingerprint(models: Path) -> str:
     """sha256 of the served bi-encoder graph, from its manifest."""
     manifest = read_manifest(Path(models) / "bi-encoder")
     return manifest["files"][manifest["model_file"]]
+
+
+def _variant_dir(out: Path, role: str) -> Path | None:
+    """The role folder of a fresh model-set variant at `out`; None when a finished one is already there."""
+    folder = out / role
+    if (folder / "manifest.json").is_file():
+        return None
+    if out.exists():
+        shutil.rmtree(out)
+    folder.mkdir(parents=True)
+    return folder
 
 
 def fp32_model_set(models: Path, cache: Path) -> Path:
@@ -33,12 +44,9 @@ def fp32_model_set(models: Path, cache: Path) -> Path:
         raise SystemExit(f"{src.path / 'manifest.json'}: no fp32 graph kept beside the int8 one (fp32_file is "
                          f"{fp32_file!r}); re-export without discarding it to compare fp32 and int8")
     out = Path(cache) / f"models-fp32-bi-encoder-{src.manifest['files'][fp32_file][:12]}"
-    bi = out / "bi-encoder"
-    if (bi / "manifest.json").is_file():
+    bi = _variant_dir(out, "bi-encoder")
+    if bi is None:
         return out
-    if out.exists():
-        shutil.rmtree(out)
-    bi.mkdir(parents=True)
     for name in src.manifest["files"]:
         (bi / name).parent.mkdir(parents=True, exist_ok=True)
         os.symlink(src.path / name, bi / name)
@@ -79,20 +87,16 @@ def fp32_cross_encoder_set(models: Path, cache: Path) -> Path:
     import onnx
 
     from twostage.export.dequantize import dequantize_model
-    from twostage.export.manifest import sha256_file
 
     models = Path(models).resolve()
     served = verify_model_dir(models / "cross-encoder", "cross-encoder")
     source = source_onnx(served.manifest)
     if source is None:
         raise SystemExit(f"{served.path}: not exported from an int8 ONNX file found here; no fp32 rebuild to make")
-    out = Path(cache) / f"models-fp32-rebuild-cross-encoder-{file_sha256(source)[:12]}"
-    ce = out / "cross-encoder"
-    if (ce / "manifest.json").is_file():
+    out = Path(cache) / f"models-fp32-rebuild-cross-encoder-{sha256_file(source)[:12]}"
+    ce = _variant_dir(out, "cross-encoder")
+    if ce is None:
         return out
-    if out.exists():
-        shutil.rmtree(out)
-    ce.mkdir(parents=True)
     record = dequantize_model(source, ce / "model.onnx")
     files = {name: digest for name, digest in served.manifest["files"].items() if name != served.manifest["model_file"]}
     for name in files:
@@ -109,14 +113,6 @@ def fp32_cross_encoder_set(models: Path, cache: Path) -> Path:
     return out
 
 
-def file_sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as fh:
-        while block := fh.read(1 << 20):
-            digest.update(block)
-    return digest.hexdigest()
-
-
 def corpus_index(models: Path, corpus: Path, cache: Path, threads: int, dtype: str = "f32",
                  connectivity: int = 16, expansion_add: int = 128, expansion_search: int = 128) -> tuple[Path, dict[str, Any]]:
     """Build (or reuse) an index of `corpus` embedded by `models`' bi-encoder; returns the directory and build facts."""
@@ -128,7 +124,7 @@ def corpus_index(models: Path, corpus: Path, cache: Path, threads: int, dtype: s
 
     settings = IndexSettings(dtype=dtype, connectivity=connectivity, expansion_add=expansion_add,
                              expansion_search=expansion_search)
-    key_doc = {"model": bi_encoder_fingerprint(models), "corpus": file_sha256(corpus), "dtype": dtype,
+    key_doc = {"model": bi_encoder_fingerprint(models), "corpus": sha256_file(corpus), "dtype": dtype,
                "connectivity": connectivity, "expansion_add": expansion_add}
     key = hashlib.sha256(json.dumps(key_doc, sort_keys=True).encode()).hexdigest()[:16]
     index_dir = Path(cache) / "indexes" / f"{corpus.parent.name}-{key}"

@@ -93,7 +93,6 @@ class InferencePool:
         self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
         self._slots: asyncio.Semaphore | None = None
         self._lock = threading.Lock()
-        self.busy = 0
 
     def _semaphore(self) -> asyncio.Semaphore:
         with self._lock:
@@ -103,10 +102,8 @@ class InferencePool:
 
     async def acquire(self) -> None:
         await self._semaphore().acquire()
-        self.busy += 1
 
     def release(self) -> None:
-        self.busy -= 1
         self._semaphore().release()
 
     def shutdown(self) -> None:
@@ -373,8 +370,6 @@ class Batcher:
             return
         finally:
             self.pool.release()
-            if self._wake is not None:
-                self._wake.set()
         if self.metrics is not None:
             self.metrics.observe_batch(self.name, len(batch), sum(len(e) for e in batch),
                                        padded_tokens(batch), ended - started)
