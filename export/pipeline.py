@@ -1,8 +1,8 @@
 """One export, source to verified model directory, and the model set (bi-encoder + cross-encoder).
 
     source --(1) export to ONNX / validate--> graph --(2) [rebuild fp32 from an int8 source,] optimize
-           --> model_fp32.onnx --(3) static int8 quantization--> model.onnx --(4) accuracy gate
-           --> (5) manifest.json, atomic rename
+           --> model_fp32.onnx --(3) static int8 quantization--> model.onnx [both: first token only past the
+           last attention, first_token.py] --(4) accuracy gate --> (5) manifest.json, atomic rename
 
 The served int8 model is batch-invariant: its activation scales are fixed at export time (see int8.py), so a
 row's output does not depend on the rest of its batch; the gate measures this (batch_variation) and checks it.
@@ -37,7 +37,8 @@ from .modelinfo import (TOKENIZER_FILES, choose_positive_label, copy_tokenizer_f
 from .sources import Source
 
 # Bump when the steps change in a way that should rebuild existing model directories.
-EXPORTER_VERSION = 3  # 3: the gate's sessions leave out onnx_ops.DISABLED_OPTIMIZERS, as the server does
+EXPORTER_VERSION = 4  # 3: the gate's sessions leave out onnx_ops.DISABLED_OPTIMIZERS, as the server does;
+                      # 4: first-token readouts compute only the first token past the last attention
 TOOL_PACKAGES = ("twostage", "onnxruntime", "onnx", "optimum", "optimum-onnx", "transformers", "torch",
                  "tokenizers", "huggingface_hub", "numpy")
 MODEL_FILE, FP32_FILE, TOKENIZER_FILE = "model.onnx", "model_fp32.onnx", "tokenizer.json"
@@ -336,7 +337,7 @@ def optimize(raw: Path, info: Any, subject: gates.GateSubject, staging: Path, wo
 def build(source: Source, facts: ModelFacts, staging: Path, work: Path, options: ExportOptions, target: str,
           cal: gates.Calibration, progress: Progress) -> dict[str, Any]:
     """Steps 1-4 into staging; returns the manifest (without files/fingerprint)."""
-    from . import int8, onnx_ops
+    from . import first_token, int8, onnx_ops
 
     role = source.role
     copy_tokenizer(source, staging)
@@ -395,6 +396,13 @@ def build(source: Source, facts: ModelFacts, staging: Path, work: Path, options:
         fp32_file = None
         quantization = no_quantization("--no-quantize")
         candidate_name = "fp32-optimized"
+    # Past the last attention, compute only the first token when that is all the output reads (exact; after
+    # calibration, so the int8 activation scales are those of the full graph).
+    for name in (MODEL_FILE, FP32_FILE):
+        if (staging / name).is_file():
+            counts = first_token.rewrite_file(staging / name)
+            if counts["tensors_sliced"]:
+                optimization.setdefault("first_token_readout", {})[name] = counts
     if info.quantized or not options.quantize:
         reference, reference_name = raw, source_reference
     else:
@@ -437,6 +445,8 @@ def build(source: Source, facts: ModelFacts, staging: Path, work: Path, options:
         # The fp32 rebuild of an int8 source is not an original fp32 model: it is not kept.
         (staging / FP32_FILE).unlink()
         fp32_file = None
+    if fp32_file is None:
+        optimization.get("first_token_readout", {}).pop(FP32_FILE, None)
 
     served_info = onnx_ops.inspect_onnx(staging / MODEL_FILE)
     import onnxruntime

@@ -590,3 +590,56 @@ def test_an_inexact_optimization_is_rejected(checkpoints, tmp_path, monkeypatch)
     assert fp32["check"]["max_difference"] > pipeline.FUSION_TOLERANCE
     assert "Attention" not in onnx_ops.inspect_onnx(model_dir.path / "model_fp32.onnx").op_counts
     assert model_dir.manifest["gate"]["passed"]
+
+
+def test_first_token_readout_skips_the_last_layer_rows_exactly(checkpoints, exported, tmp_path):
+    """A cross-encoder reads only the first token: past its last attention the graph computes one row per
+    sequence (the last layer's matmuls see [batch, 1, hidden]) and scores stay those of the full graph, fp32 and
+    int8, padded batches included. A bi-encoder, which returns every token, is left alone."""
+    import onnx
+    import onnxruntime as ort
+
+    from twostage.export.cpu import target_settings
+    from twostage.export.first_token import rewrite_file, slice_to_first_token
+
+    raw = onnx_ops.export_checkpoint(checkpoints["cross"], tmp_path / "export", "cross-encoder", None)
+    onnx_ops.optimize_fp32(raw, tmp_path / "fused.onnx", tmp_path / "work", "bert")
+    subject = gate.GateSubject("cross-encoder", checkpoints["cross"] / "tokenizer.json", 128, "logits")
+    feeds = list(gate.calibration_inputs(subject, gate.load_calibration(), ["input_ids", "attention_mask",
+                                                                           "token_type_ids"]))
+    int8.quantize_static(tmp_path / "fused.onnx", tmp_path / "int8.onnx", feeds, target_settings("avx512_vnni"))
+    full = {name: ort.InferenceSession(str(tmp_path / name), providers=["CPUExecutionProvider"])
+            for name in ("fused.onnx", "int8.onnx")}
+    for name in ("fused.onnx", "int8.onnx"):
+        shutil.copyfile(tmp_path / name, tmp_path / f"pruned-{name}")
+        # One slice feeds both the last layer's query projection and its residual (fp32; int8 has a quantized
+        # copy for the projection), one narrows its mask to the first query row.
+        assert rewrite_file(tmp_path / f"pruned-{name}") == {
+            "tensors_sliced": 2 if name == "fused.onnx" else 3, "attentions_narrowed": 1}
+    model = onnx.load(str(tmp_path / "pruned-fused.onnx"))
+    attentions = [n for n in model.graph.node if n.op_type == "Attention"]
+    assert attentions[-1].input[3].endswith("_first_token")  # the last mask: first query row only
+    assert not any(name.endswith("_first_token") for a in attentions[:-1] for name in a.input)
+    readers = sorted(n.op_type for n in model.graph.node if any(i.endswith("_first_token") for i in n.input))
+    assert readers == ["Add", "Attention", "MatMul"]  # the query projection and the residual read the slice
+    ffn_out = [n for n in model.graph.node if n.op_type == "MatMul"][-1].output[0]  # pooler, classifier: Gemm
+    model.graph.output.append(onnx.helper.make_tensor_value_info(ffn_out, onnx.TensorProto.FLOAT, None))
+    onnx.save(model, str(tmp_path / "pruned-fused.onnx"))
+
+    ids = np.array([[2, 11, 12, 3, 14, 15, 16, 3], [2, 13, 3, 17, 3, 0, 0, 0]], dtype=np.int64)
+    feed = {"input_ids": ids, "attention_mask": (ids != 0).astype(np.int64), "token_type_ids": np.zeros_like(ids)}
+    for name, session in full.items():
+        pruned = ort.InferenceSession(str(tmp_path / f"pruned-{name}"), providers=["CPUExecutionProvider"])
+        wanted = {i.name for i in session.get_inputs()}
+        expected = session.run(["logits"], {k: v for k, v in feed.items() if k in wanted})[0]
+        got = pruned.run(None, {k: v for k, v in feed.items() if k in wanted})
+        np.testing.assert_allclose(got[0], expected, atol=1e-5)
+        if name == "fused.onnx":
+            assert got[1].shape[:2] == (2, 1)  # the last feed-forward block ran on one row per pair
+
+    # The export applies it to the served graph; the bi-encoder is left alone.
+    cross = read_manifest(exported / "cross-encoder")
+    assert cross["optimization"]["first_token_readout"]["model.onnx"]["attentions_narrowed"] == 1
+    assert "first_token_readout" not in read_manifest(exported / "bi-encoder")["optimization"]
+    bi = onnx.load(str(exported / "bi-encoder" / "model.onnx"))
+    assert slice_to_first_token(bi) == {"tensors_sliced": 0, "attentions_narrowed": 0}
