@@ -26,7 +26,9 @@ next. This is shortest-job-first measured against a clock that only moves as wor
 arriving behind a huge one gets a smaller tag and goes in the next batch, while a huge request cannot be
 starved, because every later arrival's tag grows with the work dispatched meanwhile. Requests of similar
 size run in arrival order, each finishing as early as possible (no round-robin smearing). Within a request,
-items are taken shortest first, so consecutive batches hold items of similar length and pad little.
+items are taken longest first: consecutive batches hold items of similar length and pad little, and the last
+batches are the shortest, so the workers finish a request's work at nearly the same time (shortest first left
+one worker running a long pair alone at the end: 100 MS MARCO pairs, paired median 3 % slower).
 
 Admission: pending (not yet dispatched) tokens are bounded by ``max_queued_tokens``; a submit that would
 exceed it fails at once with `ResourceExhausted`. A request whose awaiting task is cancelled has its pending
@@ -116,7 +118,7 @@ class _Request:
     def __init__(self, items: Sequence[Encoded], tag: int, seq: int, deadline: float | None,
                  future: asyncio.Future):
         self.items = items
-        self.order = sorted(range(len(items)), key=lambda i: len(items[i]))  # shortest first
+        self.order = sorted(range(len(items)), key=lambda i: -len(items[i]))  # longest first (module docstring)
         self.next = 0                      # position in `order` of the first undispatched item
         self.undispatched_tokens = sum(len(e) for e in items)
         self.remaining = len(items)        # items whose output has not arrived

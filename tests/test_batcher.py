@@ -121,8 +121,8 @@ def test_large_request_is_split_within_limits_and_merged_back_in_order():
     assert len(model.batches) >= math.ceil(100 / 8) and result.stats.batches == len(model.batches)
     for lengths in model.lengths:
         assert len(lengths) <= 8 and len(lengths) * max(lengths) <= 200
-    # items are taken shortest first, so batches hold neighbouring lengths
-    assert [n for lengths in model.lengths for n in lengths] == sorted(len(e) for e in items)
+    # items are taken longest first, so batches hold neighbouring lengths and the shortest go last
+    assert [n for lengths in model.lengths for n in lengths] == sorted((len(e) for e in items), reverse=True)
 
 
 def test_item_longer_than_the_token_budget_runs_alone():
@@ -324,7 +324,7 @@ def test_metrics_hook_sees_every_batch_with_padded_tokens():
 
     run(scenario())
     assert [(m, n, real, padded) for m, n, real, padded, _ in metrics.batches] == [
-        ("embed", 2, 10, 14), ("embed", 1, 10, 10)]
+        ("embed", 2, 17, 20), ("embed", 1, 3, 3)]  # longest first: (10, 7) padded to 2 x 10, then (3)
     assert len(metrics.queues) == 1 and metrics.queues[0][0] == "embed"
 
 
