@@ -28,10 +28,10 @@ import numpy as np
 
 from .graphs import GraphIndex
 
-# Ops whose output row i depends only on row i of each [batch, seq, hidden] input (constants broadcast over
-# the last axis only; checked below), with the number of leading inputs that may be run-time tensors.
+# Elementwise and last-axis ops: output row i depends only on row i of each [batch, seq, hidden] input, given
+# constants that are the same for every position (checked in `_Analysis.row_wise`).
 ROW_WISE = {
-    ("", "MatMul"), ("", "Add"), ("", "Sub"), ("", "Mul"), ("", "Div"), ("", "LayerNormalization"),
+    ("", "Add"), ("", "Sub"), ("", "Mul"), ("", "Div"), ("", "LayerNormalization"),
     ("", "Gelu"), ("", "Relu"), ("", "Tanh"), ("", "Erf"), ("", "Sqrt"), ("", "Pow"), ("", "Cast"),
     ("", "Sigmoid"), ("com.microsoft", "Gelu"), ("com.microsoft", "FastGelu"), ("com.microsoft", "BiasGelu"),
     ("com.microsoft", "SkipLayerNormalization"), ("", "QuantizeLinear"), ("", "DequantizeLinear"),
@@ -117,6 +117,10 @@ class _Analysis:
             return False
         if node.op_type == "LayerNormalization" and _attribute(node, "axis", -1) not in (-1, 2):
             return False
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and _attribute(node, "axis", 1) not in (-1, 2):
+            scale = self.index.constant(node.input[1])
+            if scale is None or scale.size != 1:
+                return False  # per-axis scales along another axis than the hidden one
         for name in node.input:
             if not name:
                 continue
@@ -209,12 +213,15 @@ def slice_to_first_token(model: Any) -> dict[str, int]:
     # Decide every node before any input is renamed.
     narrows = {id(n) for n in nodes if n.op_type == "Attention" and analysis.query_of_attention(n, n.input[0])}
     first_only_consumers = narrows | {id(n) for n in nodes if analysis.row_wise(n) and analysis.node_outputs_first_only(n)}
+    # Tensors that come out narrowed: those of the nodes above. Any other input such a node reads (computed in
+    # full by an op that mixes positions, or a graph input) gets sliced, even if only its first row is used.
+    narrow_outputs = {out for n in nodes if id(n) in first_only_consumers for out in n.output if out}
     rewritten = []
     for node in nodes:
         narrows_attention = id(node) in narrows
         if id(node) in first_only_consumers:
             for position, name in enumerate(node.input):
-                if not name or analysis.is_constant(name) or analysis.first_only.get(name):
+                if not name or analysis.is_constant(name) or name in narrow_outputs:
                     continue
                 if narrows_attention and position in (1, 2):
                     continue  # keys and values: every position
@@ -228,7 +235,7 @@ def slice_to_first_token(model: Any) -> dict[str, int]:
     model.graph.node.extend(rewritten)
     # Shapes recorded for the narrowed tensors say [batch, seq, ...]; left in, ONNX Runtime's memory planner
     # warns on every run that they do not match.
-    stale = [info for info in model.graph.value_info if analysis.first_only.get(info.name)]
+    stale = [info for info in model.graph.value_info if info.name in narrow_outputs]
     for info in stale:
         model.graph.value_info.remove(info)
     return {"tensors_sliced": len(slices), "attentions_narrowed": narrowed}

@@ -643,3 +643,39 @@ def test_first_token_readout_skips_the_last_layer_rows_exactly(checkpoints, expo
     assert "first_token_readout" not in read_manifest(exported / "bi-encoder")["optimization"]
     bi = onnx.load(str(exported / "bi-encoder" / "model.onnx"))
     assert slice_to_first_token(bi) == {"tensors_sliced": 0, "attentions_narrowed": 0}
+
+
+def test_first_token_rewrite_stops_at_ops_that_mix_positions():
+    """Softmax over the sequence axis and a mean over it mix positions: the rewrite slices only after them, and
+    the output is unchanged."""
+    import onnx
+    import onnxruntime as ort
+    from onnx import TensorProto, helper
+
+    from twostage.export.first_token import slice_to_first_token
+
+    x = helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", "seq", 4])
+    out = helper.make_tensor_value_info("out", TensorProto.FLOAT, ["batch", 4])
+    zero = helper.make_tensor("zero", TensorProto.INT64, [], [0])
+    axes = helper.make_tensor("axes", TensorProto.INT64, [1], [1])
+    weights = helper.make_tensor("w", TensorProto.FLOAT, [4, 4], np.arange(16, dtype=np.float32) / 10)
+    nodes = [helper.make_node("Softmax", ["x"], ["soft"], axis=1),
+             helper.make_node("ReduceMean", ["x", "axes"], ["mean"], keepdims=1),
+             helper.make_node("Add", ["soft", "mean"], ["mixed"]),
+             helper.make_node("MatMul", ["mixed", "w"], ["proj"]),
+             helper.make_node("Add", ["proj", "x"], ["residual"]),
+             helper.make_node("Gather", ["residual", "zero"], ["out"], axis=1)]
+    model = helper.make_model(helper.make_graph(nodes, "mix", [x], [out], [zero, axes, weights]),
+                              opset_imports=[helper.make_opsetid("", 18)])
+    model.ir_version = 9
+    rng = np.random.default_rng(0)
+    feed = {"x": rng.standard_normal((3, 5, 4)).astype(np.float32)}
+    expected = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    assert slice_to_first_token(model) == {"tensors_sliced": 3, "attentions_narrowed": 0}
+    by_output = {n.output[0]: n for n in model.graph.node}
+    assert by_output["soft"].input[0] == "x" and by_output["mean"].input[0] == "x"  # computed in full
+    # Everything after them runs on the first row: their outputs and the residual are sliced where read.
+    assert all(name.endswith("_first_token") for name in by_output["mixed"].input)
+    assert by_output["proj"].input[0] == "mixed" and by_output["residual"].input[1] == "x_first_token"
+    got = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    np.testing.assert_allclose(got, expected, rtol=1e-6)
