@@ -35,7 +35,8 @@ from typing import Any
 
 import numpy as np
 
-from bench.common import ServerProcess, base_parser, finish_common_args, format_table, save_result, summarize, server_threads
+from bench.common import (ServerProcess, base_parser, finish_common_args, format_table, save_result, server_threads,
+                          summarize)
 
 EXPECTED_CODES = {"OK", "RESOURCE_EXHAUSTED", "DEADLINE_EXCEEDED"}
 KINDS = ("search", "rerank", "upsert")

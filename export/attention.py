@@ -12,19 +12,10 @@ from typing import Any
 
 import numpy as np
 
-from .graphs import GraphIndex, default_opset, remove_dead_nodes
+from .graphs import GraphIndex, default_opset, node_attribute, remove_dead_nodes
 
 ATTENTION_OPSET = 23
 MASK_INPUT = "attention_mask"
-
-
-def _attribute(node: Any, name: str, default: Any = None) -> Any:
-    import onnx
-
-    for attr in node.attribute:
-        if attr.name == name:
-            return onnx.helper.get_attribute_value(attr)
-    return default
 
 
 def convertible(node: Any, index: GraphIndex) -> bool:
@@ -32,7 +23,7 @@ def convertible(node: Any, index: GraphIndex) -> bool:
     mask, nothing else."""
     inputs = list(node.input) + [""] * (8 - len(node.input))
     return (node.op_type == "MultiHeadAttention" and node.domain == "com.microsoft"
-            and all(inputs[:3]) and not any(inputs[5:]) and not _attribute(node, "unidirectional", 0)
+            and all(inputs[:3]) and not any(inputs[5:]) and not node_attribute(node, "unidirectional", 0)
             and (not inputs[3] or index.constant(inputs[3]) is not None) and len(node.output) == 1)
 
 
@@ -77,7 +68,7 @@ def to_onnx_attention(model: Any) -> int:
             continue
         if not rewritten:
             nodes.extend(mask_nodes)
-        heads = int(_attribute(node, "num_heads"))
+        heads = int(node_attribute(node, "num_heads"))
         qkv = list(node.input[:3])
         bias = index.constant(node.input[3]) if len(node.input) > 3 and node.input[3] else None
         if bias is not None:
@@ -88,7 +79,7 @@ def to_onnx_attention(model: Any) -> int:
                 nodes.append(helper.make_node("Add", [qkv[i], name], [biased], name=f"{node.name}_{part}_bias_Add"))
                 qkv[i] = biased
         extra = {}
-        scale = _attribute(node, "scale", 0.0)
+        scale = node_attribute(node, "scale", 0.0)
         if scale:
             extra["scale"] = float(scale)
         nodes.append(helper.make_node("Attention", qkv + [mask], list(node.output), name=node.name,

@@ -26,7 +26,7 @@ from typing import Any
 
 import numpy as np
 
-from .graphs import GraphIndex
+from .graphs import GraphIndex, node_attribute
 
 # Elementwise and last-axis ops: output row i depends only on row i of each [batch, seq, hidden] input, given
 # constants that are the same for every position (checked in `_Analysis.row_wise`).
@@ -41,15 +41,6 @@ ROW_WISE = {
 MATMULS = {("", "MatMul"), ("", "MatMulInteger"), ("com.microsoft", "MatMulIntegerToFloat")}
 SEQUENCE_AXIS = 1
 SLICE_SUFFIX = "_first_token"
-
-
-def _attribute(node: Any, name: str, default: Any = None) -> Any:
-    import onnx
-
-    for attr in node.attribute:
-        if attr.name == name:
-            return onnx.helper.get_attribute_value(attr)
-    return default
 
 
 def _ranks(model: Any) -> dict[str, int]:
@@ -87,7 +78,8 @@ class _Analysis:
             key = (node.domain or "", node.op_type)
             if not node.output or node.output[0] in self.ranks or (key not in ROW_WISE and key not in MATMULS):
                 continue
-            known = [self.ranks[name] for name in node.input if name and name in self.ranks and not self.is_constant(name)]
+            known = [self.ranks[name] for name in node.input
+                     if name and name in self.ranks and not self.is_constant(name)]
             if known:
                 self.ranks[node.output[0]] = max(known)
 
@@ -102,7 +94,7 @@ class _Analysis:
         if node.op_type != "Gather" or node.domain not in ("", "ai.onnx") or node.input[0] != tensor:
             return False
         indices = self.index.constant(node.input[1])
-        axis = _attribute(node, "axis", 0)
+        axis = node_attribute(node, "axis", 0)
         rank = self.ranks.get(tensor)
         return (indices is not None and indices.ndim == 0 and int(indices) == 0 and rank == 3
                 and axis in (SEQUENCE_AXIS, SEQUENCE_AXIS - rank))
@@ -115,9 +107,9 @@ class _Analysis:
                     and all(self.is_constant(name) for name in node.input[2:] if name))
         if key not in ROW_WISE:
             return False
-        if node.op_type == "LayerNormalization" and _attribute(node, "axis", -1) not in (-1, 2):
+        if node.op_type == "LayerNormalization" and node_attribute(node, "axis", -1) not in (-1, 2):
             return False
-        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and _attribute(node, "axis", 1) not in (-1, 2):
+        if node.op_type in ("QuantizeLinear", "DequantizeLinear") and node_attribute(node, "axis", 1) not in (-1, 2):
             scale = self.index.constant(node.input[1])
             if scale is None or scale.size != 1:
                 return False  # per-axis scales along another axis than the hidden one
@@ -173,7 +165,8 @@ def slice_to_first_token(model: Any) -> dict[str, int]:
     analysis = _Analysis(model)
     index = analysis.index
     nodes = list(model.graph.node)
-    if not analysis.ranks or not any(analysis.readout(n, n.input[0]) for n in nodes if n.op_type == "Gather" and n.input):
+    gathers = [n for n in nodes if n.op_type == "Gather" and n.input]
+    if not analysis.ranks or not any(analysis.readout(n, n.input[0]) for n in gathers):
         return {"tensors_sliced": 0, "attentions_narrowed": 0}
     for node in reversed(nodes):  # readers come after producers: decide them first
         for out in node.output:
@@ -181,16 +174,17 @@ def slice_to_first_token(model: Any) -> dict[str, int]:
                 analysis.first_only[out] = analysis.decide(out)
 
     # Where a first-row-only consumer reads a tensor that is needed in full, it reads a slice instead.
-    starts = zeros = None
+    start = end = None  # the Slice bounds [0, 1), shared by every slice
     slices: dict[str, str] = {}
     new_nodes: list[Any] = []
     narrowed = 0
 
     def sliced(tensor: str, axis: int) -> str:
-        nonlocal starts, zeros
+        nonlocal start, end
         key = f"{tensor}@{axis}"
         quantize = index.producer.get(tensor)
-        if (key not in slices and axis == SEQUENCE_AXIS and quantize is not None and quantize.op_type == "QuantizeLinear"
+        if (key not in slices and axis == SEQUENCE_AXIS and quantize is not None
+                and quantize.op_type == "QuantizeLinear"
                 and all(analysis.is_constant(name) for name in quantize.input[1:] if name)):
             # Quantize the slice rather than slice the quantized tensor (same values): the graph keeps the
             # QuantizeLinear -> MatMulIntegerToFloat pattern that dequantize.py reads back.
@@ -200,19 +194,20 @@ def slice_to_first_token(model: Any) -> dict[str, int]:
                                               **{a.name: helper.get_attribute_value(a) for a in quantize.attribute}))
             slices[key] = name
         if key not in slices:
-            if starts is None:
-                zeros = index.add_initializer("first_token_start", np.array([0], dtype=np.int64))
-                starts = index.add_initializer("first_token_end", np.array([1], dtype=np.int64))
+            if start is None:
+                start = index.add_initializer("first_token_start", np.array([0], dtype=np.int64))
+                end = index.add_initializer("first_token_end", np.array([1], dtype=np.int64))
             axes = index.add_initializer(f"first_token_axis{axis}", np.array([axis], dtype=np.int64))
             name = index.unique_name(f"{tensor}{SLICE_SUFFIX}")
-            new_nodes.append(helper.make_node("Slice", [tensor, zeros, starts, axes], [name],
+            new_nodes.append(helper.make_node("Slice", [tensor, start, end, axes], [name],
                                               name=index.unique_name(f"{name}_Slice")))
             slices[key] = name
         return slices[key]
 
     # Decide every node before any input is renamed.
     narrows = {id(n) for n in nodes if n.op_type == "Attention" and analysis.query_of_attention(n, n.input[0])}
-    first_only_consumers = narrows | {id(n) for n in nodes if analysis.row_wise(n) and analysis.node_outputs_first_only(n)}
+    first_only_consumers = narrows | {id(n) for n in nodes
+                                      if analysis.row_wise(n) and analysis.node_outputs_first_only(n)}
     # Tensors that come out narrowed: those of the nodes above. Any other input such a node reads (computed in
     # full by an op that mixes positions, or a graph input) gets sliced, even if only its first row is used.
     narrow_outputs = {out for n in nodes if id(n) in first_only_consumers for out in n.output if out}

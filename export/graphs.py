@@ -61,6 +61,16 @@ class GraphIndex:
         return name
 
 
+def node_attribute(node: Any, name: str, default: Any = None) -> Any:
+    """The value of a node's attribute `name`, or `default` when the node does not set it."""
+    import onnx
+
+    for attr in node.attribute:
+        if attr.name == name:
+            return onnx.helper.get_attribute_value(attr)
+    return default
+
+
 def node_key(node: Any) -> tuple[str, str]:
     """A stable identity for a node (protobuf wrappers are recreated on access, so id() is not stable)."""
     return node.name, node.output[0] if node.output else ""

@@ -397,8 +397,9 @@ def build(source: Source, facts: ModelFacts, staging: Path, work: Path, options:
         quantization = no_quantization("--no-quantize")
         candidate_name = "fp32-optimized"
     # Past the last attention, compute only the first token when that is all the output reads (exact; after
-    # calibration, so the int8 activation scales are those of the full graph).
-    for name in (MODEL_FILE, FP32_FILE):
+    # calibration, so the int8 activation scales are those of the full graph). The fp32 rebuild of an int8
+    # source is only a gate reference and is not kept: left as it is.
+    for name in (MODEL_FILE,) if info.quantized else (MODEL_FILE, FP32_FILE):
         if (staging / name).is_file():
             counts = first_token.rewrite_file(staging / name)
             if counts["tensors_sliced"]:
