@@ -65,7 +65,7 @@ class Config:
     index_dtype: str = knob("f32", "stored scalar type of the HNSW index", choices=("f32", "f16", "i8"))
     index_connectivity: int = knob(16, "HNSW connectivity (M)")
     index_expansion_add: int = knob(128, "HNSW expansion factor at insertion (ef_construction)")
-    index_expansion_search: int = knob(256, "HNSW expansion factor at search (ef); 256 keeps recall@100 vs exact search >= 0.95 (docs/benchmarks.md)")
+    index_expansion_search: int = knob(256, "HNSW expansion factor at search (ef); 256 keeps recall@100 vs exact search >= 0.95 (docs/benchmarks.md); an index of at most this many documents is searched exactly")
     index_view: bool = knob(False, "memory-map the saved index read-only (Upsert/Delete refused)")
     index_save_interval_s: float = knob(30.0, "seconds between snapshots of the HNSW graph (writes are durable in SQLite at once)")
     # -- request limits

@@ -848,7 +848,9 @@ class DocumentIndex:
     def _ann(self, queries: np.ndarray, count: int, expansion: int | None,
              threads: int = 1) -> list[tuple[np.ndarray, np.ndarray]]:
         """usearch search, skipping pending keys: (keys, distances) per query, best first (the
-        caller holds the read lock)."""
+        caller holds the read lock). When the graph holds no more vectors than the search would visit
+        (expansion_search), usearch compares against all of them instead: as cheap, and exact (after many
+        replacements an HNSW graph can leave a node unreachable)."""
         queries = queries.reshape(-1, self._dimension)
         with self._ann_mutex:
             hnsw = self._hnsw
@@ -857,7 +859,8 @@ class DocumentIndex:
             if expansion and expansion != default:
                 hnsw.expansion_search = int(expansion)
             try:
-                found = hnsw.search(queries, count + len(pending), threads=threads)
+                found = hnsw.search(queries, count + len(pending), threads=threads,
+                                    exact=len(hnsw) <= hnsw.expansion_search)
             finally:
                 if expansion and expansion != default:
                     hnsw.expansion_search = default

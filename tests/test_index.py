@@ -604,3 +604,30 @@ def test_maybe_save_writes_a_snapshot_only_when_due_and_changed(tmp_path):
         assert index.maybe_save(0)  # due and changed
         assert not index.maybe_save(0)  # nothing new
         assert json.loads((tmp_path / "ix" / SNAPSHOT_META_FILE).read_text())["count"] == 5
+
+
+def test_a_graph_no_larger_than_expansion_search_is_searched_exactly(tmp_path, monkeypatch):
+    """While the index holds no more vectors than a search would visit, usearch compares against all of them
+    (no node can be missed, however often documents were replaced); past that size, HNSW."""
+    from usearch.index import Index
+
+    calls = []
+    real = Index.search
+
+    def spy(self, *args, **kwargs):
+        calls.append(kwargs.get("exact", False))
+        return real(self, *args, **kwargs)
+
+    monkeypatch.setattr(Index, "search", spy)
+    base = unit_vectors(60, seed=4)
+    with open_index(tmp_path / "ix", expansion_search=64) as index:
+        index.upsert(docs(60), base)
+        for round_ in range(5):  # replace every document again and again
+            index.upsert([StoredDoc(f"d{i}", f"v{round_}") for i in range(60)], base)
+        for i in range(60):
+            assert index.search(base[i], 1).hits[0].id == f"d{i}"
+        assert calls and all(calls)
+        calls.clear()
+        index.upsert(docs(20, start=60), unit_vectors(20, seed=5))  # 80 > 64
+        index.search(base[0], 1)
+        assert calls == [False]
