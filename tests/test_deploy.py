@@ -547,3 +547,20 @@ def test_tls_exec_probe_checks_health_over_tls(server_certificate):
         assert probe("readinessProbe") == 0
     finally:
         server.stop(None)
+
+
+# ------------------------------------------------------------------------------ Milvus values
+
+
+def test_milvus_values_turn_authentication_on_and_serve_the_configured_uri():
+    """deploy/milvus/values.yaml is input to Milvus's own chart (not vendored): it must at least parse,
+    run in cluster mode with authentication on (twostage sends a token), and the release it documents must
+    be the host in the base's milvus_uri."""
+    path = ROOT / "deploy" / "milvus" / "values.yaml"
+    values = yaml.safe_load(path.read_text())
+    assert values["cluster"]["enabled"] is True
+    user = yaml.safe_load(values["extraConfigFiles"]["user.yaml"])
+    assert user["common"]["security"]["authorizationEnabled"] is True
+    release, namespace = re.search(r"helm install (\S+) zilliztech/milvus --namespace (\S+)", path.read_text()).groups()
+    _, config = config_file(render(BASE))
+    assert config["milvus_uri"] == f"http://{release}.{namespace}.svc.cluster.local:19530"
