@@ -99,6 +99,8 @@ def test_upsert_get_delete_and_counts(backend: IndexBackend):
     got = backend.get(["d3", "d7", "missing"])
     assert set(got) == {"d3", "d7"}
     assert got["d3"] == StoredDoc("d3", "text of d3", "title 3", {"n": 3, "parity": 1})
+    one = backend.search(vectors[0], 5, filter={"n": 4})  # a small index: every document is a candidate
+    assert ids(one) == ["d4"] and one.exhausted
     assert backend.delete(["d7", "d3", "nope"]) == (2, ["nope"])
     assert backend.size == 18
     assert backend.get(["d3", "d7"]) == {}
