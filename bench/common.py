@@ -140,7 +140,7 @@ def load_dataset(data_dir: Path, name: str, split: str = "test") -> Dataset:
 def document_text(title: str, text: str) -> str:
     """How a stored document is shown to the models (the server's own rule when its index module is present)."""
     try:
-        from twostage.server.index import embedding_text
+        from twostage.server.index.backend import embedding_text
     except ImportError:  # pragma: no cover - only while the index module is missing
         return f"{title}. {text}" if title else text
     return embedding_text(title, text)

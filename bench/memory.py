@@ -34,7 +34,7 @@ import numpy as np
 from bench.common import (REPO_ROOT, ServerProcess, base_parser, dir_size_bytes, finish_common_args, format_table,
                           resolve_threads, save_result, server_threads)
 from bench.search import synthetic_data, usearch_index
-from twostage.server.index import STORE_FILE
+from twostage.server.index.layout import STORE_FILE
 
 _LOAD_SNIPPET = """
 import json, sys
@@ -90,7 +90,9 @@ def server_rss(models: Path, index_dir: Path, threads: int) -> dict[str, int]:
 
 def document_index_with(n: int, dimension: int, directory: Path, text_bytes: int, seed: int = 3) -> None:
     """Fill a DocumentIndex with n synthetic documents (unit vectors, ~text_bytes of text each), then close it."""
-    from twostage.server.index import DocumentIndex, IndexSettings, StoredDoc
+    from twostage.server.index.backend import StoredDoc
+    from twostage.server.index.embedded import DocumentIndex
+    from twostage.server.index.settings import IndexSettings
 
     rng = np.random.default_rng(seed)
     filler = ("lorem ipsum dolor sit amet consectetur " * (text_bytes // 38 + 1))[:text_bytes]

@@ -119,7 +119,7 @@ def corpus_index(models: Path, corpus: Path, cache: Path, threads: int, dtype: s
     from bench.common import server_threads
     from twostage.server.cli import BackgroundEmbedder
     from twostage.server.config import Config
-    from twostage.server.index import IndexSettings
+    from twostage.server.index.settings import IndexSettings
     from twostage.server.indexing import build_index
 
     settings = IndexSettings(dtype=dtype, connectivity=connectivity, expansion_add=expansion_add,

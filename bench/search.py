@@ -225,7 +225,9 @@ def evaluate_document_index(base: np.ndarray, queries: np.ndarray, dtype: str, c
                             expansion_add: int, expansions: list[int], latency_queries: int,
                             chunk: int = 5000) -> dict[str, Any]:
     """The project's DocumentIndex (usearch + SQLite store) at len(base) documents: upsert, search, recall."""
-    from twostage.server.index import DocumentIndex, IndexSettings, StoredDoc
+    from twostage.server.index.backend import StoredDoc
+    from twostage.server.index.embedded import DocumentIndex
+    from twostage.server.index.settings import IndexSettings
 
     settings = IndexSettings(metric="cos", dtype=dtype, connectivity=connectivity, expansion_add=expansion_add)
     tmp = Path(tempfile.mkdtemp(prefix="bench-docindex-"))
@@ -275,7 +277,8 @@ def embed_latencies(models: Path, texts: list[str], threads: int) -> list[float]
 def scifact_section(args: argparse.Namespace, threads: int, latency_queries: int) -> dict[str, Any]:
     """SciFact served by a real server: Search RPC (skip_rerank) latency, and ANN recall against exact search."""
     from bench.prepare import corpus_index
-    from twostage.server.index import DocumentIndex, IndexSettings
+    from twostage.server.index.embedded import DocumentIndex
+    from twostage.server.index.settings import IndexSettings
     from twostage.v1 import twostage_pb2 as pb
 
     ds = load_dataset(args.data, "scifact")
@@ -378,7 +381,7 @@ def stored_vectors(index_dir: Path) -> tuple[list[str], np.ndarray]:
     """Every document id and float32 vector of an index directory's store (the documented SQLite layout)."""
     import sqlite3
 
-    from twostage.server.index import STORE_FILE
+    from twostage.server.index.layout import STORE_FILE
 
     conn = sqlite3.connect(f"file:{index_dir / STORE_FILE}?mode=ro", uri=True)
     try:

@@ -26,7 +26,9 @@ from twostage.server.auth import ApiKeyInterceptor, DecodeGuardInterceptor
 from twostage.server.batcher import Batcher, InferencePool
 from twostage.server.config import Config
 from twostage.server.engine import Engine
-from twostage.server.index import DocumentIndex, IndexSettings
+from twostage.server.index.backend import Snapshotting
+from twostage.server.index.embedded import DocumentIndex
+from twostage.server.index.settings import IndexSettings
 from twostage.server.metrics import Metrics
 from twostage.server.runtime import load_model_set, thread_layout
 from twostage.server.service import TwoStageService
@@ -88,15 +90,16 @@ def build_info(config: Config, engine: Engine) -> pb.InfoResponse:
                                max_delay_ms=getattr(config, f"{prefix}_max_delay_ms"),
                                max_queued_tokens=getattr(config, f"{prefix}_max_queued_tokens"))
 
-    s = engine.index.settings
+    index = engine.index.describe()  # the embedded backend's settings; absent keys read as 0 / ""
     return pb.InfoResponse(
         server_version=server_version(),
         bi_encoder=model_info("bi-encoder", engine.embedder),
         cross_encoder=model_info("cross-encoder", engine.reranker),
         embed_batching=batching("embed"), rerank_batching=batching("rerank"),
-        index=pb.IndexInfo(size=engine.index.size, dimension=engine.index.dimension, metric=s.metric, dtype=s.dtype,
-                           connectivity=s.connectivity, expansion_add=s.expansion_add,
-                           expansion_search=s.expansion_search, read_only=s.view),
+        index=pb.IndexInfo(size=engine.index.size, dimension=engine.index.dimension, metric=index.get("metric", ""),
+                           dtype=index.get("dtype", ""), connectivity=int(index.get("connectivity", 0)),
+                           expansion_add=int(index.get("expansion_add", 0)),
+                           expansion_search=int(index.get("expansion_search", 0)), read_only=engine.index.read_only),
         limits=pb.Limits(max_query_bytes=config.max_query_bytes, max_metadata_bytes=config.max_metadata_bytes,
                          max_filter_keys=config.max_filter_keys, max_text_bytes=config.max_text_bytes,
                          max_id_bytes=config.max_id_bytes, max_rerank_documents=config.max_rerank_documents,
@@ -254,10 +257,14 @@ async def start_server(config: Config) -> RunningServer:
 
 
 async def _save_periodically(engine: Engine, interval_s: float) -> None:
+    """Snapshot a backend that keeps state in memory (`Snapshotting`); a backend without it needs no timer."""
+    index = engine.index
+    if not isinstance(index, Snapshotting):
+        return
     while True:
         await asyncio.sleep(max(1.0, interval_s / 4))
         try:
-            await asyncio.to_thread(engine.index.maybe_save, interval_s)
+            await asyncio.to_thread(index.maybe_save, interval_s)
         except Exception:  # keep serving; the store is durable, the snapshot is an optimisation
             log.exception("index snapshot failed")
 

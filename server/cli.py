@@ -87,7 +87,7 @@ class BackgroundEmbedder:
 
 def run_index_build(args: argparse.Namespace) -> int:
     from twostage.server.errors import TwoStageError
-    from twostage.server.index import IndexSettings
+    from twostage.server.index.settings import IndexSettings
     from twostage.server.indexing import CorpusError, build_index
 
     try:

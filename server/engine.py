@@ -19,7 +19,7 @@ from twostage.server import tokenization
 from twostage.server.batcher import Batcher
 from twostage.server.config import Config
 from twostage.server.errors import FailedPrecondition, InvalidArgument, NotFound
-from twostage.server.index import DocumentIndex, StoredDoc, embedding_text
+from twostage.server.index.backend import IndexBackend, StoredDoc, embedding_text
 
 
 # ----------------------------------------------------------------------------------------- results
@@ -168,9 +168,9 @@ def check_filter(flt: dict[str, Any] | None, max_keys: int) -> None:
     if len(flt) > max_keys:
         raise InvalidArgument("filter", f"has {len(flt)} keys; the limit is {max_keys}")
     for key, value in flt.items():
-        if not key:
+        if not isinstance(key, str) or not key:
             raise InvalidArgument("filter", "keys must not be empty")
-        if isinstance(value, (dict, list)):
+        if value is not None and not isinstance(value, (str, int, float, bool)):
             raise InvalidArgument(f"filter.{key}", "only scalar values (string, number, bool, null) can be matched")
         if isinstance(value, float) and not math.isfinite(value):
             raise InvalidArgument(f"filter.{key}", "number must be finite")
@@ -180,7 +180,7 @@ def check_filter(flt: dict[str, Any] | None, max_keys: int) -> None:
 class Engine:
     """Search/Rerank/Embed/Upsert/Delete. One per server; shared by all requests."""
 
-    def __init__(self, config: Config, embedder: Any, reranker: Any, index: DocumentIndex,
+    def __init__(self, config: Config, embedder: Any, reranker: Any, index: IndexBackend,
                  embed_batcher: Batcher, rerank_batcher: Batcher):
         self.config = config
         self.embedder = embedder
@@ -376,7 +376,7 @@ class Engine:
 
     # ---------------------------------------------------------------- writes
     def _check_writable(self) -> None:
-        if self.index.settings.view:
+        if self.index.read_only:
             raise FailedPrecondition("the index is memory-mapped read-only (index_view=true); writes are refused")
 
     async def upsert(self, documents: Sequence[DocumentInput], *, deadline: float | None = None) -> WriteOutcome:
@@ -392,7 +392,13 @@ class Engine:
                 raise InvalidArgument(f"documents[{i}].embedding", f"has {len(d.embedding)} values; the index dimension is {dim}")
             if d.embedding and not all(math.isfinite(x) for x in d.embedding):
                 raise InvalidArgument(f"documents[{i}].embedding", "contains NaN or infinite values")
-            meta_bytes = len(json.dumps(d.metadata, separators=(",", ":"), ensure_ascii=False).encode("utf-8", "surrogatepass"))
+            if d.embedding and cfg.index_metric == "cos" and not any(d.embedding):
+                raise InvalidArgument(f"documents[{i}].embedding", "is all zeros, which has no direction under the cos metric")
+            try:
+                meta_json = json.dumps(d.metadata, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
+            except (TypeError, ValueError) as exc:
+                raise InvalidArgument(f"documents[{i}].metadata", f"is not a JSON object ({exc})") from None
+            meta_bytes = len(meta_json.encode("utf-8", "surrogatepass"))
             if meta_bytes > cfg.max_metadata_bytes:
                 raise InvalidArgument(f"documents[{i}].metadata",
                                       f"is {meta_bytes} bytes as JSON; the limit is {cfg.max_metadata_bytes} bytes")

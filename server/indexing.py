@@ -12,8 +12,8 @@ Atomicity. The build goes into `<index_dir>.tmp-build/` (staging), never into `i
     content, dimension, metric, dtype, connectivity and embed_fingerprint) resumes: ids already in
     staging are skipped. Anything else in staging is discarded and the build starts over.
   * crash after the build finished (staging holds `build-complete.json`) but before the swap: the
-    next build, or `DocumentIndex.open(index_dir)`, sees it (see index.replace_index_dir /
-    index.recover_index_dir for each step of the swap) and either moves the new index in or puts the
+    next build, or `DocumentIndex.open(index_dir)`, sees it (see index.layout.replace_index_dir /
+    index.layout.recover_index_dir for each step of the swap) and either moves the new index in or puts the
     old one back; `index_dir` is never left missing or half-written.
 """
 from __future__ import annotations
@@ -33,9 +33,12 @@ from typing import Callable, Iterator, TextIO
 
 import numpy as np
 
-from .index import (BUILD_COMPLETE_FILE, DirectoryLock, DocumentIndex, IndexSettings, StoredDoc,
-                    _write_atomically, embedding_text, recover_index_dir, replace_index_dir,
-                    staging_dir)
+from .index.backend import StoredDoc, embedding_text
+from .index.durable import write_atomically
+from .index.embedded import DocumentIndex
+from .index.layout import (BUILD_COMPLETE_FILE, DirectoryLock, recover_index_dir, replace_index_dir,
+                           staging_dir)
+from .index.settings import IndexSettings
 
 BUILD_STATE_FILE = "build-state.json"
 
@@ -296,7 +299,7 @@ def build_index(corpus: Path | str, index_dir: Path | str, embed: Embed, dimensi
                                    f"{summary.documents}; staging left in {staging}")
             index.save()
         seconds = time.monotonic() - started
-        _write_atomically(staging / BUILD_COMPLETE_FILE, json.dumps(
+        write_atomically(staging / BUILD_COMPLETE_FILE, json.dumps(
             {**state, "corpus": str(corpus), "seconds": round(seconds, 3), "finished_at": time.time()},
             indent=1).encode())
     replace_index_dir(staging, index_dir)
@@ -319,5 +322,5 @@ def _prepare_staging(staging: Path, state: dict) -> bool:
             return True
         shutil.rmtree(staging)
     staging.mkdir(parents=True)
-    _write_atomically(staging / BUILD_STATE_FILE, json.dumps(state, indent=1).encode())
+    write_atomically(staging / BUILD_STATE_FILE, json.dumps(state, indent=1).encode())
     return False

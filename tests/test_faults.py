@@ -26,7 +26,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from server_harness import Channels
 from twostage.server.config import Config
-from twostage.server.index import DocumentIndex, IndexSettings, staging_dir
+from twostage.server.index.embedded import DocumentIndex
+from twostage.server.index.layout import staging_dir
+from twostage.server.index.settings import IndexSettings
 from twostage.v1 import twostage_pb2 as pb
 from twostage.v1 import twostage_pb2_grpc as pb_grpc
 

@@ -1,4 +1,6 @@
-"""Vector index + document store: CRUD, persistence, crash safety, filters, recall, view mode, concurrency.
+"""The embedded backend (usearch HNSW + SQLite) beyond the backend contract (tests/test_backend_contract.py):
+scores per metric, snapshots and crash safety, view mode, filter strategies, HNSW recall and exactness, the
+store reads a search makes.
 
 Synthetic vectors only (no models)."""
 from __future__ import annotations
@@ -16,9 +18,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from twostage.server.errors import FailedPrecondition, InvalidArgument
-from twostage.server.index import (SNAPSHOT_META_FILE, DocumentIndex, IndexSettings, StoredDoc,
-                                   embedding_text, json_equal, metadata_matches)
+from twostage.server.errors import FailedPrecondition
+from twostage.server.index.backend import StoredDoc, embedding_text
+from twostage.server.index.embedded import DocumentIndex
+from twostage.server.index.filters import json_equal, metadata_matches
+from twostage.server.index.layout import SNAPSHOT_META_FILE
+from twostage.server.index.settings import IndexSettings
+from twostage.server.index.store import DocumentStore
 
 DIM = 16
 
@@ -69,88 +75,23 @@ def run_child(code: str, *args: str) -> subprocess.CompletedProcess:
 # ---------------------------------------------------------------------------------------------
 
 
-def test_upsert_get_delete_roundtrip(tmp_path):
-    vectors = unit_vectors(20)
-    with open_index(tmp_path / "ix") as index:
-        assert index.upsert(docs(20), vectors) == (20, 0)
-        assert index.size == 20
-        got = index.get(["d3", "d7", "missing"])
-        assert set(got) == {"d3", "d7"}
-        assert got["d3"] == StoredDoc("d3", "text of d3", "title 3", {"n": 3})
-        result = index.search(vectors[7], 3)
-        assert result.hits[0].id == "d7" and result.hits[0].rank == 0
-        assert result.hits[0].score == pytest.approx(1.0, abs=1e-5)
-        assert [h.rank for h in result.hits] == [0, 1, 2]
-        assert not result.exhausted
-        assert index.delete(["d7", "d3", "nope", "d7"]) == (2, ["nope"])
-        assert index.size == 18
-        assert index.get(["d3", "d7"]) == {}
-        assert "d7" not in [h.id for h in index.search(vectors[7], 18).hits]
-        assert index.delete(["d7"]) == (0, ["d7"])
-        index.verify()
-
-
-def test_upsert_replaces_text_metadata_and_vector(tmp_path):
+def test_a_replaced_document_gets_a_new_key_and_keys_are_never_reused(tmp_path):
     vectors = unit_vectors(10)
     with open_index(tmp_path / "ix") as index:
         index.upsert(docs(10), vectors)
-        old_key = index.search(vectors[4], 1).hits[0].key
-        new_vector = unit_vectors(1, seed=99)[0]
-        inserted, updated = index.upsert([StoredDoc("d4", "new text", "", {"v": 2}),
-                                          StoredDoc("d10", "fresh", "", {})],
-                                         np.stack([new_vector, unit_vectors(1, seed=5)[0]]))
-        assert (inserted, updated) == (1, 1)
-        assert index.size == 11
-        assert index.get(["d4"])["d4"] == StoredDoc("d4", "new text", "", {"v": 2})
-        top = index.search(new_vector, 1).hits[0]
-        assert top.id == "d4" and top.key != old_key and top.key > old_key  # keys are never reused
-        assert "d4" not in [h.id for h in index.search(vectors[4], 1).hits]
+        old_key = index._store.existing(["d4"])["d4"]
+        index.delete(["d9"])
+        index.upsert([StoredDoc("d4", "new text"), StoredDoc("d9", "back")], unit_vectors(2, seed=99))
+        new_keys = index._store.existing(["d4", "d9"])
+        assert new_keys["d4"] > old_key and new_keys["d9"] > new_keys["d4"] > 9  # monotonic, the old ones unused
+        assert sorted(index._graph.keys().tolist()) == sorted(index._store.keys().tolist())
         index.verify()
-
-
-def test_duplicate_ids_rejected_with_positions_and_nothing_written(tmp_path):
-    batch = docs(8)
-    batch[7] = StoredDoc("d3", "again")
-    with open_index(tmp_path / "ix") as index:
-        with pytest.raises(InvalidArgument, match=r"duplicate id 'd3' at positions 3 and 7") as err:
-            index.upsert(batch, unit_vectors(8))
-        assert err.value.field == "documents"
-        assert index.size == 0 and index.get(["d0"]) == {}
-
-
-def test_bad_vectors_rejected(tmp_path):
-    with open_index(tmp_path / "ix") as index:
-        with pytest.raises(InvalidArgument, match=r"has 8 values; the index dimension is 16"):
-            index.upsert(docs(2), np.ones((2, 8), np.float32))
-        with pytest.raises(InvalidArgument, match=r"2 documents but vectors of shape \(3, 16\)"):
-            index.upsert(docs(2), unit_vectors(3))
-        bad = unit_vectors(3)
-        bad[1, 4] = np.nan
-        with pytest.raises(InvalidArgument, match=r"documents\[1\]\.embedding: contains NaN"):
-            index.upsert(docs(3), bad)
-        zero = unit_vectors(3)
-        zero[2] = 0
-        with pytest.raises(InvalidArgument, match=r"documents\[2\]\.embedding: is all zeros"):
-            index.upsert(docs(3), zero)
-        with pytest.raises(InvalidArgument, match=r"documents\[0\]\.metadata"):
-            index.upsert([StoredDoc("x", "t", "", {"bad": float("nan")})], unit_vectors(1))
-        with pytest.raises(InvalidArgument, match=r"vector: has shape \(15,\)"):
-            index.search(np.ones(15, np.float32), 3)
-        with pytest.raises(InvalidArgument, match=r"top_k"):
-            index.search(np.ones(16, np.float32), 0)
-        assert index.size == 0
 
 
 def test_embedding_text_joins_title_and_text():
     assert embedding_text("Title", "body") == "Title. body"
     assert embedding_text("", "body") == "body"
     assert embedding_text("   ", "body") == "body"
-
-
-def test_empty_index_search(tmp_path):
-    with open_index(tmp_path / "ix") as index:
-        assert index.search(unit_vectors(1)[0], 5).hits == []
-        assert index.search(unit_vectors(1)[0], 5, filter={"a": 1}).exhausted
 
 
 @pytest.mark.parametrize("metric", ["ip", "l2sq", "cos"])
@@ -177,7 +118,34 @@ def test_expansion_search_override_is_per_request(tmp_path):
     with open_index(tmp_path / "ix", expansion_search=64) as index:
         index.upsert(docs(200), vectors)
         assert index.search(vectors[9], 5, expansion_search=300).hits[0].id == "d9"
-        assert index._hnsw.expansion_search == 64
+        assert index._graph.hnsw.expansion_search == 64
+
+
+def test_search_reads_ids_only_and_metadata_only_to_filter(tmp_path, monkeypatch):
+    """A search maps graph keys to ids and nothing more (the engine fetches the documents it keeps with one
+    `get`); with a filter it also reads the metadata the filter needs, never text or title."""
+    reads: list[str] = []
+    for name in ("get", "ids_of", "rows_of", "scan"):
+        real = getattr(DocumentStore, name)
+
+        def spy(self, *args, _real=real, _name=name, **kwargs):
+            reads.append(_name)
+            return _real(self, *args, **kwargs)
+
+        monkeypatch.setattr(DocumentStore, name, spy)
+    vectors = unit_vectors(300, seed=2)
+    batch = [StoredDoc(f"d{i}", "long text " * 50, "title", {"rare": i == 7}) for i in range(300)]
+    with open_index(tmp_path / "ix", expansion_search=64) as index:
+        index.upsert(batch, vectors)
+        reads.clear()
+        assert [h.id for h in index.search(vectors[3], 5).hits][0] == "d3"
+        assert reads == ["ids_of"]
+        reads.clear()
+        index.search(vectors[3], 5, filter={"rare": False})  # met on the HNSW path
+        assert set(reads) == {"rows_of"}
+        reads.clear()
+        assert [h.id for h in index.search(vectors[3], 5, filter={"rare": True}).hits] == ["d7"]  # a scan
+        assert "get" not in reads and "scan" in reads
 
 
 # ---------------------------------------------------------------------------------------------
@@ -508,13 +476,6 @@ def test_filter_correct_when_it_removes_98_percent(tmp_path):
     assert strategies == {"ann", "scan"}  # both ways of meeting a selective filter were exercised
 
 
-def test_filter_rejects_non_json(tmp_path):
-    with open_index(tmp_path / "ix") as index:
-        index.upsert(docs(3), unit_vectors(3))
-        with pytest.raises(InvalidArgument, match="filter"):
-            index.search(unit_vectors(1)[0], 2, filter={"a": object()})
-
-
 # ---------------------------------------------------------------------------------------------
 # Recall
 # ---------------------------------------------------------------------------------------------
@@ -533,58 +494,6 @@ def test_hnsw_recall_vs_exact_on_clustered_vectors(tmp_path):
     recall = np.mean([len({h.id for h in a.hits} & {h.id for h in e.hits}) / k for a, e in zip(approx, exact)])
     print(f"recall@{k} HNSW vs exact, {n} x {dim} clustered, expansion_search=128: {recall:.4f}")
     assert recall >= 0.95
-
-
-# ---------------------------------------------------------------------------------------------
-# Concurrency
-# ---------------------------------------------------------------------------------------------
-
-
-def test_concurrent_searches_never_see_half_a_write(tmp_path):
-    pairs = 40
-    base = unit_vectors(pairs, seed=11)
-    stop = threading.Event()
-    errors: list[str] = []
-
-    def pair_docs(i: int, version: int) -> list[StoredDoc]:
-        return [StoredDoc(f"a{i}", f"v{version}"), StoredDoc(f"b{i}", f"v{version}")]
-
-    with open_index(tmp_path / "ix") as index:
-        for i in range(0, pairs, 2):  # the even pairs, which are never deleted
-            index.upsert(pair_docs(i, 0), np.stack([base[i], base[i]]))
-
-        def writer() -> None:
-            rng = random.Random(5)
-            try:
-                for version in range(1, 250):
-                    i = rng.randrange(pairs)
-                    if i % 2 and rng.random() < 0.3:  # odd pairs come and go; even ones stay once there
-                        index.delete([f"a{i}", f"b{i}"])
-                    else:
-                        index.upsert(pair_docs(i, version), np.stack([base[i], base[i]]))
-            finally:
-                stop.set()
-
-        def reader(seed: int) -> None:
-            rng = random.Random(seed)
-            while not stop.is_set():
-                i = rng.randrange(pairs)
-                hits = {h.id for h in index.search(base[i], 2).hits}
-                if len(hits & {f"a{i}", f"b{i}"}) == 1:
-                    errors.append(f"search saw half of pair {i}: {hits}")
-                if i % 2 == 0 and hits != {f"a{i}", f"b{i}"}:
-                    errors.append(f"search lost pair {i} while it was being replaced: {hits}")
-                got = index.get([f"a{i}", f"b{i}"])
-                if len(got) == 1 or (len(got) == 2 and got[f"a{i}"].text != got[f"b{i}"].text):
-                    errors.append(f"get saw half of pair {i}: {got}")
-
-        threads = [threading.Thread(target=writer)] + [threading.Thread(target=reader, args=(s,)) for s in (1, 2)]
-        for t in threads:
-            t.start()
-        for t in threads:
-            t.join(timeout=120)
-        assert not errors, errors[:3]
-        index.verify()
 
 
 def test_filter_on_a_small_index_reads_every_document(tmp_path):

@@ -13,8 +13,10 @@ import pytest
 
 from twostage.server import indexing
 from twostage.server.errors import FailedPrecondition
-from twostage.server.index import (BUILD_COMPLETE_FILE, DocumentIndex, IndexSettings, aside_dir,
-                                   embedding_text, staging_dir)
+from twostage.server.index.backend import embedding_text
+from twostage.server.index.embedded import DocumentIndex
+from twostage.server.index.layout import BUILD_COMPLETE_FILE, aside_dir, staging_dir
+from twostage.server.index.settings import IndexSettings
 from twostage.server.indexing import (CorpusError, ProgressBar, build_index, check_corpus,
                                       iter_corpus, iter_corpus_lines)
 
