@@ -21,9 +21,12 @@ import os
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable
+from typing import TYPE_CHECKING, Any, Callable
 
-DEFAULT_TARGET = "127.0.0.1:50051"  # same as twostage.client.client.DEFAULT_TARGET (not imported: keeps --help fast)
+if TYPE_CHECKING:  # the client is imported only when a client command runs (keeps --help fast)
+    from twostage.client.client import Client
+
+DEFAULT_TARGET = "127.0.0.1:50051"  # same as twostage.client.channel.DEFAULT_TARGET (not imported: keeps --help fast)
 EXIT_FAILURE = 1
 
 
@@ -158,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         if not (from_client or isinstance(exc, (RuntimeError, ValueError, OSError))):
             raise
         print(f"twostage {args.command}: error: {exc}", file=sys.stderr)
-        if from_client and getattr(exc.code, "name", "") == "UNAVAILABLE":
+        if from_client and getattr(getattr(exc, "code", None), "name", "") == "UNAVAILABLE":
             print(f"hint: is a server running at {getattr(args, 'target', '?')}?", file=sys.stderr)
         return EXIT_FAILURE
     return int(code or 0)
@@ -171,7 +174,9 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     """--target, --api-key, TLS and deadline options shared by search, rerank and info."""
     group = parser.add_argument_group("connection")
     group.add_argument("--target", default=os.environ.get("TWOSTAGE_TARGET", DEFAULT_TARGET),
-                       help=f"server address host:port (default: {DEFAULT_TARGET}; env TWOSTAGE_TARGET)")
+                       help="server address host:port; replicas as IP:PORT,IP:PORT,... or dns:///NAME:PORT (every "
+                            "address of the name), called round robin with retries on the others "
+                            f"(default: {DEFAULT_TARGET}; env TWOSTAGE_TARGET)")
     group.add_argument("--api-key", default=None,
                        help="API key, sent as 'authorization: Bearer KEY' (default: env TWOSTAGE_API_KEY, else none)")
     group.add_argument("--tls", action="store_true",
@@ -186,12 +191,15 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
                        help="name to verify in the server certificate instead of the target host (default: the host)")
     group.add_argument("--timeout", type=float, default=30.0,
                        help="deadline of the call in seconds, retries included (default: 30)")
-    group.add_argument("--max-attempts", type=int, default=4,
-                       help="attempts when the server is UNAVAILABLE, with jittered exponential backoff (default: 4)")
-    parser.add_argument("--json", action="store_true", help="print the result as JSON (default: a table)")
+    group.add_argument("--max-attempts", type=int, default=4, choices=range(1, 6), metavar="{1..5}",
+                       help="attempts when the server is UNAVAILABLE, with jittered exponential backoff, done by "
+                            "gRPC (default: 4)")
+    parser.add_argument("--json", action="store_true",
+                        help="print the result as JSON, leaving out fields the server left empty (default: a table; "
+                             "ranks count from 0 in both)")
 
 
-def client_from_args(args: argparse.Namespace) -> Any:
+def client_from_args(args: argparse.Namespace) -> Client:
     from twostage.client.client import Client
     api_key = args.api_key if args.api_key is not None else os.environ.get("TWOSTAGE_API_KEY") or None
     return Client(args.target, timeout=args.timeout, api_key=api_key, tls=args.tls, root_certs=args.tls_ca,
@@ -217,6 +225,9 @@ def _non_negative(text: str) -> int:
 
 
 def add_search_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.description = (f"{parser.description}\n\nRanks count from 0, in the table as in --json and the proto: "
+                          "rank is the hit's position\nin the answer, retrieval_rank its position among the stage-1 "
+                          "candidates.")
     parser.add_argument("query", help="the query text")
     parser.add_argument("--top-k", type=_non_negative, default=0,
                         help="hits to return (default: 0 = the server's default, 10 unless configured)")

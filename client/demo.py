@@ -19,8 +19,9 @@ from importlib import resources
 from pathlib import Path
 from typing import Any, Awaitable, Callable, Protocol, Sequence, TextIO
 
-from twostage.client.client import AsyncClient, SearchHit
+from twostage.client.client import AsyncClient
 from twostage.client.output import format_score, shorten, terminal_width
+from twostage.client.types import SearchHit
 
 UPSERT_BATCH = 64
 MARK = "*"  # marks the known right answer in the tables

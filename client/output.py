@@ -1,11 +1,18 @@
-"""How the CLI prints results: aligned text tables by default, JSON with --json."""
+"""How the CLI prints results: aligned text tables by default, JSON with --json.
+
+Ranks and positions count from 0 everywhere, as in the proto and the JSON: the table's `rank` is the
+hit's position in the answer (its index in `hits` / `results`), `retrieval_rank` its position in the
+stage-1 candidate list, `index` the document's position in the request.
+"""
 from __future__ import annotations
 
+import dataclasses
 import json
 import shutil
-from typing import Any, Sequence, TextIO
+from collections.abc import Sequence
+from typing import TextIO
 
-from twostage.client.client import Info, RerankResults, SearchResult, Timing, to_jsonable
+from twostage.client.types import Info, JsonValue, RerankResults, SearchResult, Timing, to_jsonable
 
 ELLIPSIS = "…"
 
@@ -22,13 +29,13 @@ def shorten(text: str, width: int) -> str:
     return text if len(text) <= width else text[: max(width - 1, 0)].rstrip() + ELLIPSIS
 
 
-def format_table(headers: Sequence[str], rows: Sequence[Sequence[Any]], *, right: Sequence[str] = (),
+def format_table(headers: Sequence[str], rows: Sequence[Sequence[object]], *, right: Sequence[str] = (),
                  max_width: int | None = None, shrink: str | None = None) -> str:
     """An aligned text table. Columns named in `right` are right-aligned; when the table is wider
     than `max_width`, the column named `shrink` is cut down (with an ellipsis) to fit."""
     cells = [[str(h) for h in headers]] + [["" if c is None else str(c) for c in row] for row in rows]
     widths = [max(len(r[i]) for r in cells) for i in range(len(headers))]
-    if max_width is not None and shrink in headers:
+    if max_width is not None and shrink is not None and shrink in headers:
         col = list(headers).index(shrink)
         overflow = sum(widths) + 2 * (len(widths) - 1) - max_width
         if overflow > 0:
@@ -62,19 +69,23 @@ def timing_line(timing: Timing) -> str:
     return ", ".join(parts)
 
 
+RANKS_NOTE = "ranks count from 0, as in --json"
+
+
 def search_table(result: SearchResult, *, width: int | None = None) -> str:
-    headers = ["rank", "id", "score", "rerank", "retrieval", "stage1", "text"]
-    rows = []
-    for rank, hit in enumerate(result.hits, 1):
+    """Search hits; `rank` and `retrieval_rank` (the stage-1 position) count from 0, as in the JSON."""
+    headers = ["rank", "id", "score", "rerank", "retrieval", "retrieval_rank", "text"]
+    rows: list[list[object]] = []
+    for rank, hit in enumerate(result.hits):
         doc = hit.document
         text = "" if doc is None else (f"{doc.title}. {doc.text}" if doc.title else doc.text)
         rows.append([rank, hit.id, format_score(hit.score),
                      format_score(hit.rerank_score) if hit.reranked else "-",
-                     format_score(hit.retrieval_score), hit.retrieval_rank + 1, text])
-    table = format_table(headers, rows, right=("rank", "score", "rerank", "retrieval", "stage1"),
+                     format_score(hit.retrieval_score), hit.retrieval_rank, text])
+    table = format_table(headers, rows, right=("rank", "score", "rerank", "retrieval", "retrieval_rank"),
                          max_width=width or terminal_width(), shrink="text")
     summary = (f"{len(result.hits)} hits from {result.candidates} candidates, {result.reranked} reranked "
-               f"(scores: {result.score_kind}); {timing_line(result.timing)}")
+               f"(scores: {result.score_kind}; {RANKS_NOTE}); {timing_line(result.timing)}")
     if result.filter_exhausted:
         summary += "\nnote: the filter matched fewer documents than requested"
     return f"{table}\n{summary}"
@@ -82,19 +93,20 @@ def search_table(result: SearchResult, *, width: int | None = None) -> str:
 
 def rerank_table(results: RerankResults, texts: Sequence[str] = (), *, width: int | None = None) -> str:
     """Rerank results; `texts` (the request's texts) fill in the text column when the server did not
-    return documents."""
+    return documents. `rank`, `index` and the best chunk count from 0, as in the JSON."""
     headers = ["rank", "index", "id", "score", "text"]
-    rows = []
-    for rank, r in enumerate(results.results, 1):
+    rows: list[list[object]] = []
+    for rank, r in enumerate(results.results):
         text = r.text or (texts[r.index] if r.index < len(texts) else "")
         if r.chunks > 1:
-            text = f"[best chunk {r.best_chunk + 1}/{r.chunks}] {text}"
+            text = f"[best chunk {r.best_chunk} of 0-{r.chunks - 1}] {text}"
         if r.truncated:
             text = f"[truncated] {text}"
         rows.append([rank, r.index, r.id or "-", format_score(r.score), text])
     table = format_table(headers, rows, right=("rank", "index", "score"), max_width=width or terminal_width(),
                          shrink="text")
-    return f"{table}\n{len(results.results)} results (scores: {results.score_kind}); {timing_line(results.timing)}"
+    return (f"{table}\n{len(results.results)} results (scores: {results.score_kind}; {RANKS_NOTE}); "
+            f"{timing_line(results.timing)}")
 
 
 def info_text(info: Info) -> str:
@@ -116,11 +128,14 @@ def info_text(info: Info) -> str:
     d = info.defaults
     lines.append(f"  defaults: top_k={d.top_k}, candidates={d.candidates}, "
                  f"chunk_overlap_tokens={d.chunk_overlap_tokens}")
-    lines.append("  limits: " + ", ".join(f"{k}={v}" for k, v in to_jsonable(info.limits).items()))
+    lines.append("  limits: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(info.limits).items()))
     return "\n".join(lines)
 
 
-def print_json(value: Any, out: TextIO) -> None:
-    """Result dataclasses (or plain data) as indented JSON."""
-    json.dump(to_jsonable(value), out, indent=2, ensure_ascii=False)
+def print_json(value: object, out: TextIO) -> None:
+    """Result dataclasses as indented JSON, without the fields that hold nothing (what the server did
+    not send because it was not asked for, e.g. a hit's embedding, or a Rerank text without
+    --return-documents); numbers and booleans are always printed."""
+    data: JsonValue = to_jsonable(value, omit_empty=True)
+    json.dump(data, out, indent=2, ensure_ascii=False)
     out.write("\n")

@@ -8,7 +8,7 @@ import time
 from typing import Any, Awaitable, Callable
 
 import grpc
-from google.protobuf import struct_pb2
+from google.protobuf import json_format, struct_pb2
 
 from twostage.server import errors
 from twostage.server.engine import DocumentInput, Engine, StageTiming, Timing
@@ -43,27 +43,39 @@ def timing_pb(t: Timing) -> pb.Timing:
                      embed=_stage_pb(t.embed), ann_ms=t.ann_ms, rerank=_stage_pb(t.rerank), store_ms=t.store_ms)
 
 
-def _value(v: struct_pb2.Value, field: str) -> Any:
-    kind = v.WhichOneof("kind")
-    if kind == "number_value":
-        if not math.isfinite(v.number_value):
-            raise errors.InvalidArgument(field, "numbers must be finite (NaN and infinity cannot be stored as JSON)")
-        n = v.number_value
-        return int(n) if n.is_integer() and abs(n) < 2**53 else n
-    if kind == "string_value":
-        return v.string_value
-    if kind == "bool_value":
-        return v.bool_value
-    if kind == "struct_value":
-        return struct_to_dict(v.struct_value, field)
-    if kind == "list_value":
-        return [_value(x, f"{field}[{i}]") for i, x in enumerate(v.list_value.values)]
-    return None
-
-
 def struct_to_dict(s: struct_pb2.Struct, field: str) -> dict[str, Any]:
-    """Struct -> plain JSON-able dict; non-finite numbers are refused naming the field."""
-    return {k: _value(v, f"{field}.{k}") for k, v in s.fields.items()}
+    """Struct -> plain JSON-able dict (json_format); whole numbers below 2**53 come back as int (Struct
+    holds every number as a double). Non-finite numbers are refused naming the field."""
+    try:
+        data = json_format.MessageToDict(s)
+    except ValueError:  # json_format refuses NaN and infinity without saying where
+        raise errors.InvalidArgument(_non_finite_field(s, field) or field,
+                                     "numbers must be finite (NaN and infinity cannot be stored as JSON)") from None
+    return {k: _whole_numbers_as_int(v) for k, v in data.items()}
+
+
+def _whole_numbers_as_int(value: Any) -> Any:
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {k: _whole_numbers_as_int(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_whole_numbers_as_int(v) for v in value]
+    return value
+
+
+def _non_finite_field(value: struct_pb2.Struct | struct_pb2.ListValue, field: str) -> str | None:
+    """Path of the first NaN or infinite number inside a Struct or ListValue (for the error message)."""
+    items = ((f"{field}.{k}", v) for k, v in value.items()) if isinstance(value, struct_pb2.Struct) \
+        else ((f"{field}[{i}]", v) for i, v in enumerate(value))
+    for path, item in items:
+        if isinstance(item, (struct_pb2.Struct, struct_pb2.ListValue)):
+            found = _non_finite_field(item, path)
+            if found:
+                return found
+        elif isinstance(item, float) and not math.isfinite(item):
+            return path
+    return None
 
 
 def dict_to_struct(d: dict[str, Any] | None) -> struct_pb2.Struct:

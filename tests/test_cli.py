@@ -184,11 +184,66 @@ def test_search_table_and_target_from_env(fake, capsys, monkeypatch):
     code, out, _ = run_cli(["search", "first", "--skip-rerank", "--api-key", "flag-key"], capsys)
     assert code == 0
     lines = out.splitlines()
-    assert lines[0].split() == ["rank", "id", "score", "rerank", "retrieval", "stage1", "text"]
+    assert lines[0].split() == ["rank", "id", "score", "rerank", "retrieval", "retrieval_rank", "text"]
     assert "doc-1" in lines[2] and "the first document" in lines[2]
-    assert "1 hits from 100 candidates, 0 reranked (scores: similarity)" in out
+    assert "1 hits from 100 candidates, 0 reranked (scores: similarity; ranks count from 0" in out
     assert fake.service.requests[0][1].skip_rerank
     assert fake.service.requests[0][2]["authorization"] == "Bearer flag-key"
+
+
+def test_search_table_and_json_count_ranks_from_zero(fake, capsys):
+    """One convention: the table shows the same 0-based retrieval_rank as the JSON (and the proto), and
+    its rank column is the 0-based position in hits."""
+    for doc_id in ("d1", "d2", "d3"):
+        fake.service.docs[doc_id] = pb.Document(id=doc_id, text=f"text of {doc_id}")
+    fake.service.stage1 = {"q": ["d1", "d2", "d3"]}
+    fake.service.reranked = {"q": ["d3", "d1", "d2"]}
+    code, out, _ = run_cli(["search", "q", "--target", fake.target], capsys)
+    assert code == 0
+    rows = [line.split() for line in out.splitlines()[2:5]]
+    table = [(int(r[0]), r[1], int(r[5])) for r in rows]
+    assert table == [(0, "d3", 2), (1, "d1", 0), (2, "d2", 1)]
+    code, out, _ = run_cli(["search", "q", "--target", fake.target, "--json"], capsys)
+    hits = json.loads(out)["hits"]
+    assert [(i, h["id"], h["retrieval_rank"]) for i, h in enumerate(hits)] == table
+
+
+def test_json_leaves_out_what_was_not_asked_for(fake, capsys):
+    meta = json_format.ParseDict({"topic": "x", "note": ""}, pb.Document().metadata)
+    fake.service.docs = {"a": pb.Document(id="a", text="alpha", title="A", metadata=meta),
+                         "b": pb.Document(id="b", text="beta")}
+    fake.service.stage1 = {"q": ["a", "b"]}
+    code, out, _ = run_cli(["search", "q", "--target", fake.target, "--skip-rerank", "--json"], capsys)
+    assert code == 0
+    a, b = json.loads(out)["hits"]
+    assert a["document"] == {"id": "a", "text": "alpha", "title": "A", "metadata": {"topic": "x", "note": ""}}
+    assert b["document"] == {"id": "b", "text": "beta"}  # no title, metadata or embedding it never had
+    assert (a["retrieval_rank"], a["reranked"], a["rerank_score"]) == (0, False, 0.0)  # answers, kept
+    assert '"embedding"' not in out
+    code, out, _ = run_cli(["search", "q", "--target", fake.target, "--ids-only", "--json"], capsys)
+    assert all("document" not in hit for hit in json.loads(out)["hits"])
+    code, out, _ = run_cli(["rerank", "q", "--target", fake.target, "--doc", "one", "--doc", "three", "--json"],
+                           capsys)
+    results = json.loads(out)["results"]
+    assert [sorted(r) for r in results] == [["best_chunk", "chunks", "index", "score", "truncated"]] * 2
+
+
+def test_several_targets_and_their_refusals(fake, capsys):
+    code, out, _ = run_cli(["info", "--target", f"{closed_port_target()},{fake.target}", "--json"], capsys)
+    assert code == 0 and json.loads(out)["server_version"] == "1.2.3"  # round robin skips the dead one
+    code, _, err = run_cli(["info", "--target", "replica-a:1,replica-b:2"], capsys)
+    assert code == 1 and "must be IP addresses" in err and "dns:///" in err
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["info", "--max-attempts", "6"])
+    assert exited.value.code == 2 and "--max-attempts" in capsys.readouterr().err
+
+
+def closed_port_target() -> str:
+    """A loopback address nobody listens on."""
+    import socket
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return f"127.0.0.1:{sock.getsockname()[1]}"
 
 
 def test_rerank_texts_from_flags_and_file(fake, capsys, tmp_path):
@@ -403,3 +458,11 @@ def test_demo_end_to_end_on_the_real_server_with_tiny_models(tiny_models, tmp_pa
     with Client(report.target, max_attempts=1, timeout=5) as client:
         with pytest.raises(TwoStageError):
             client.info()  # stopped
+
+
+def test_package_license_is_an_spdx_string():
+    """setuptools >= 77 deprecates the `project.license` table (a warning on every install)."""
+    import tomllib
+    project = tomllib.loads((Path(__file__).parents[1] / "pyproject.toml").read_text())
+    assert project["project"]["license"] == "Apache-2.0"
+    assert "setuptools>=77" in project["build-system"]["requires"]

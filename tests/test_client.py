@@ -1,15 +1,19 @@
 """The typed client against an in-process fake servicer (a real gRPC server on a loopback port).
 
 These tests check the client's own behaviour: request building, response conversion, retries on
-UNAVAILABLE only, deadlines, the API-key metadata, TLS, the error type and wait_ready.
-End-to-end tests against the real server live elsewhere.
+UNAVAILABLE only (done by gRPC from the channel's service config), deadlines, the API-key metadata, TLS,
+the error type, wait_ready, and several targets (replicas) called round robin. End-to-end tests against
+the real server live elsewhere.
 """
 from __future__ import annotations
 
 import asyncio
+import json
 import shutil
 import subprocess
+import sys
 import threading
+import time
 from concurrent import futures
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -19,12 +23,12 @@ import pytest
 from google.protobuf import json_format
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from twostage.client import (AsyncClient, Client, Document, RetryPolicy, TwoStageError, to_jsonable)
-from twostage.client.client import RetryPolicy as _RetryPolicy
+from twostage.client import AsyncClient, Client, Document, RetryPolicy, TwoStageError, to_jsonable
+from twostage.client import channel
 from twostage.v1 import twostage_pb2 as pb
 from twostage.v1 import twostage_pb2_grpc as pb_grpc
 
-FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff_s=0.001, max_backoff_s=0.01)
+FAST_RETRY = RetryPolicy(max_attempts=3, initial_backoff_s=0.01, max_backoff_s=0.02)
 
 
 @dataclass
@@ -226,6 +230,23 @@ def test_upsert_rejects_unknown_document_keys():
         Client("127.0.0.1:1").upsert([{"id": "x", "body": "oops"}])
 
 
+def test_client_and_server_read_a_struct_alike():
+    """Both sides convert google.protobuf.Struct with json_format, whole numbers as int; the server
+    still names the field of a non-finite number."""
+    from twostage.client.convert import dict_from_struct, struct_from_dict
+    from twostage.server import errors
+    from twostage.server.service import struct_to_dict
+    data = {"year": 2020, "w": 0.5, "big": 2.0**60, "tags": ["a", 1, None, True], "nested": {"n": -3, "e": {}},
+            "none": None, "empty": []}
+    message = struct_from_dict(data)
+    assert dict_from_struct(message) == struct_to_dict(message, "filter") == data
+    assert isinstance(struct_to_dict(message, "filter")["nested"]["n"], int)
+    bad = struct_from_dict({"ok": 1, "deep": {"list": [1.0, float("nan")]}})
+    with pytest.raises(errors.InvalidArgument) as caught:
+        struct_to_dict(bad, "documents[2].metadata")
+    assert str(caught.value).startswith("documents[2].metadata.deep.list[1]: numbers must be finite")
+
+
 # --------------------------------------------------------------------------- retries and errors
 
 
@@ -289,15 +310,80 @@ def test_api_key_is_sent_as_bearer_metadata(fake):
     assert "authorization" not in fake.seen[1].metadata
 
 
-def test_backoff_is_bounded_and_grows():
-    policy = _RetryPolicy(max_attempts=5, initial_backoff_s=0.1, max_backoff_s=0.3, multiplier=2.0)
-    draws = {attempt: [policy.backoff_s(attempt) for _ in range(300)] for attempt in (1, 2, 3, 4)}
-    assert all(0 <= d <= 0.1 for d in draws[1])
-    assert all(0 <= d <= 0.2 for d in draws[2])
-    assert all(0 <= d <= 0.3 for d in draws[3] + draws[4])
-    assert max(draws[2]) > 0.1  # jitter spans the larger window
+def test_default_policy_retries_after_grpcs_backoff(fake):
+    """The default policy (4 attempts, 0.1 s initial backoff) is in force: one UNAVAILABLE costs one
+    backoff of about 0.1 s (gRPC jitters it by +-20 %), not an immediate retry and not a failure."""
+    fake.unavailable = 1
+    with Client(fake.target) as client:
+        client.info()  # connected, so the timed call measures the backoff only
+        fake.unavailable, fake.seen = 1, []
+        started = time.monotonic()
+        assert client.info().server_version == "9.9.9"
+        elapsed = time.monotonic() - started
+    assert len(fake.seen) == 2
+    assert 0.07 <= elapsed < 1.0
+
+
+def test_attempts_are_bounded_by_grpcs_limit(fake):
+    fake.unavailable = 10
+    with Client(fake.target, retry=FAST_RETRY, max_attempts=5) as client:
+        with pytest.raises(TwoStageError) as caught:
+            client.search("q")
+    assert caught.value.code == grpc.StatusCode.UNAVAILABLE and len(fake.seen) == 5
+    with pytest.raises(ValueError, match="between 1 and 5"):
+        Client(fake.target, max_attempts=6)  # gRPC would clamp it to 5 silently
+
+
+def test_deadline_covers_every_attempt(fake):
+    """The call's one deadline bounds its retries: a backoff longer than the deadline ends the call
+    with DEADLINE_EXCEEDED at the deadline."""
+    fake.unavailable = 10
+    slow = RetryPolicy(max_attempts=5, initial_backoff_s=5.0, max_backoff_s=5.0)
+    with Client(fake.target, retry=slow) as client:
+        client.wait_ready(timeout=10)
+        started = time.monotonic()
+        with pytest.raises(TwoStageError) as caught:
+            client.info(timeout=0.5)
+        elapsed = time.monotonic() - started
+    assert caught.value.code == grpc.StatusCode.DEADLINE_EXCEEDED
+    assert len(fake.seen) == 1 and elapsed < 3.0
+
+
+def test_a_large_request_stays_retryable(fake):
+    """gRPC keeps a request for retrying only while it fits the retry buffer (256 KiB by default);
+    the client raises it to the message limit, so a big Upsert is retried like a small one."""
+    fake.unavailable = 1
+    big = [{"id": f"d{i}", "text": "x" * 10_000} for i in range(60)]  # about 600 KB
+    with Client(fake.target, retry=FAST_RETRY) as client:
+        assert client.upsert(big).index_size == 42
+    assert [s.method for s in fake.seen] == ["Upsert", "Upsert"]
+    assert len(fake.seen[1].request.documents) == 60
+
+
+def test_service_config_carries_the_retry_policy_and_round_robin():
+    config = channel.service_config(RetryPolicy())
+    assert config == {
+        "loadBalancingConfig": [{"round_robin": {}}],
+        "methodConfig": [{"name": [{"service": "twostage.v1.TwoStage"}],
+                          "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "2s",
+                                          "backoffMultiplier": 2.0, "retryableStatusCodes": ["UNAVAILABLE"]}}]}
+    assert "retryPolicy" not in channel.service_config(RetryPolicy(max_attempts=1))["methodConfig"][0]
+    options = dict(channel.connection("127.0.0.1:1", max_attempts=2).options)
+    assert json.loads(options["grpc.service_config"])["methodConfig"][0]["retryPolicy"]["maxAttempts"] == 2
+    assert options["grpc.enable_retries"] == 1
+
+
+def test_retry_policy_validation():
     with pytest.raises(ValueError, match="max_attempts"):
-        _RetryPolicy(max_attempts=0)
+        RetryPolicy(max_attempts=0)
+    with pytest.raises(ValueError, match="initial_backoff_s"):
+        RetryPolicy(initial_backoff_s=0.001)  # grpcio can miss retry timers this short (grpc/grpc#41036)
+    with pytest.raises(ValueError, match="max_backoff_s"):
+        RetryPolicy(initial_backoff_s=1.0, max_backoff_s=0.5)
+    with pytest.raises(ValueError, match="multiplier"):
+        RetryPolicy(multiplier=0.5)
+    with pytest.raises(TypeError, match="unknown client options"):
+        Client("127.0.0.1:1", retries=3)
 
 
 def test_invalid_client_options():
@@ -425,3 +511,182 @@ class socket_closed_port:
 
     def __exit__(self, *exc):
         return False
+
+
+# ------------------------------------------------------------------------ several targets (replicas)
+
+
+@pytest.mark.parametrize("given, expected", [
+    ("127.0.0.1:50051", "127.0.0.1:50051"),
+    ("twostage.example:50051", "twostage.example:50051"),
+    ("dns:///twostage.example:50051", "dns:///twostage.example:50051"),
+    (["127.0.0.1:1", "10.0.0.2:2"], "ipv4:127.0.0.1:1,10.0.0.2:2"),
+    ("127.0.0.1:1, 127.0.0.1:2,127.0.0.1:3", "ipv4:127.0.0.1:1,127.0.0.1:2,127.0.0.1:3"),
+    (["[::1]:1", "[fe80::2]:2"], "ipv6:[::1]:1,[fe80::2]:2"),
+    (["dns:///one.example:1"], "dns:///one.example:1"),
+])
+def test_channel_target_forms(given, expected):
+    assert channel.channel_target(given) == expected
+
+
+@pytest.mark.parametrize("given, message", [
+    ("replica-a:1,replica-b:2", "must be IP addresses.*dns:///"),
+    (["127.0.0.1:1", "[::1]:2"], "mixes IPv4 and IPv6"),
+    ("127.0.0.1:1,127.0.0.1", "port from 1 to 65535"),
+    ("127.0.0.1:1,127.0.0.1:70000", "port from 1 to 65535"),
+    ("127.0.0.1:1,,127.0.0.1:2", "empty address"),
+    ([], "empty address"),
+    ("dns:///a:1,dns:///b:2", "not resolver URIs"),
+])
+def test_channel_target_refusals(given, message):
+    with pytest.raises(ValueError, match=message):
+        Client(given)
+
+
+class Replica(pb_grpc.TwoStageServicer):
+    """A fake replica that counts its calls and names itself in Info.server_version."""
+
+    def __init__(self, name: str):
+        self.name, self.calls, self.lock = name, 0, threading.Lock()
+
+    def Info(self, request, context):
+        with self.lock:
+            self.calls += 1
+        return pb.InfoResponse(server_version=self.name)
+
+
+def start_replica(replica: Replica, port: int = 0) -> tuple[grpc.Server, int]:
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
+    pb_grpc.add_TwoStageServicer_to_server(replica, server)
+    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    port = server.add_insecure_port(f"127.0.0.1:{port}")
+    server.start()
+    return server, port
+
+
+def test_calls_spread_over_replicas_and_survive_one_stopping():
+    replicas = [Replica(f"r{i}") for i in range(3)]
+    started = [start_replica(r) for r in replicas]
+    try:
+        with Client([f"127.0.0.1:{port}" for _, port in started], retry=FAST_RETRY, timeout=10) as client:
+            assert client.target.startswith("ipv4:127.0.0.1:")
+            answered = [client.info().server_version for _ in range(60)]
+            assert all(answered.count(r.name) >= 10 for r in replicas), [r.calls for r in replicas]
+
+            started[0][0].stop(None).wait()
+            before = replicas[0].calls
+            answered = [client.info().server_version for _ in range(40)]  # none fails
+            assert replicas[0].calls == before and set(answered) == {"r1", "r2"}
+
+            server, _ = start_replica(replicas[0], started[0][1])  # back on its port: it rejoins
+            started[0] = (server, started[0][1])
+            deadline = time.monotonic() + 30
+            while replicas[0].calls == before and time.monotonic() < deadline:
+                client.info()
+                time.sleep(0.02)
+            assert replicas[0].calls > before, "the restarted replica got no calls"
+    finally:
+        for server, _ in started:
+            server.stop(None)
+
+
+def test_async_client_and_a_dns_target_use_every_replica():
+    replicas = [Replica(f"r{i}") for i in range(2)]
+    started = [start_replica(r) for r in replicas]
+
+    async def scenario(target):
+        async with AsyncClient(target, timeout=10) as client:
+            return [(await client.info()).server_version for _ in range(20)]
+
+    try:
+        answered = asyncio.run(scenario(f"127.0.0.1:{started[0][1]},127.0.0.1:{started[1][1]}"))
+        assert answered.count("r0") >= 5 and answered.count("r1") >= 5
+        with Client(f"dns:///localhost:{started[1][1]}", timeout=10) as client:  # gRPC's own resolver
+            assert client.info().server_version == "r1"
+    finally:
+        for server, _ in started:
+            server.stop(None)
+
+
+REPLICA_PROCESS = """
+import sys, time
+from concurrent import futures
+import grpc
+from grpc_health.v1 import health, health_pb2_grpc
+from twostage.v1 import twostage_pb2 as pb, twostage_pb2_grpc as pb_grpc
+
+class Slow(pb_grpc.TwoStageServicer):
+    def Info(self, request, context):
+        time.sleep(0.02)  # calls are in flight when the process dies
+        return pb.InfoResponse(server_version=sys.argv[1])
+
+server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
+pb_grpc.add_TwoStageServicer_to_server(Slow(), server)
+health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+print(server.add_insecure_port("127.0.0.1:0"), flush=True)
+server.start()
+server.wait_for_termination()
+"""
+
+
+def test_a_replica_killed_under_load_costs_no_call():
+    """kill -9 of one of three replica processes while 8 threads call: every call succeeds (in-flight
+    calls on the dead replica fail UNAVAILABLE and gRPC retries them on the others)."""
+    processes = [subprocess.Popen([sys.executable, "-c", REPLICA_PROCESS, f"p{i}"], stdout=subprocess.PIPE,
+                                  text=True) for i in range(3)]
+    try:
+        ports = [int(p.stdout.readline()) for p in processes]
+        answered: list[str] = []
+        failures: list[str] = []
+        stop = threading.Event()
+        with Client([f"127.0.0.1:{port}" for port in ports], timeout=20) as client:
+            client.wait_ready(timeout=20)
+
+            def call_until_stopped():
+                while not stop.is_set():
+                    try:
+                        answered.append(client.info().server_version)
+                    except TwoStageError as err:
+                        failures.append(str(err))
+
+            threads = [threading.Thread(target=call_until_stopped) for _ in range(8)]
+            for t in threads:
+                t.start()
+            time.sleep(1.0)
+            processes[0].kill()
+            killed_at = len(answered)
+            time.sleep(1.5)
+            stop.set()
+            for t in threads:
+                t.join(timeout=30)
+        assert not failures, failures[:3]
+        assert answered[:killed_at].count("p0") > 0
+        after = answered[killed_at + 8:]  # calls already in flight at the kill may have come back from p0
+        assert len(after) > 50 and set(after) == {"p1", "p2"}
+    finally:
+        for p in processes:
+            p.kill()
+            p.wait()
+
+
+def test_tls_to_several_replicas_verifies_the_server_name(pki: Path):
+    creds = grpc.ssl_server_credentials([((pki / "server.key").read_bytes(), (pki / "server.pem").read_bytes())])
+    replicas = [Replica(f"r{i}") for i in range(2)]
+    servers = []
+    for replica in replicas:
+        server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+        pb_grpc.add_TwoStageServicer_to_server(replica, server)
+        servers.append((server, server.add_secure_port("127.0.0.1:0", creds)))
+        server.start()
+    targets = [f"127.0.0.1:{port}" for _, port in servers]
+    try:
+        with Client(targets, root_certs=pki / "ca.pem", server_name="twostage.test", timeout=10) as client:
+            answered = [client.info().server_version for _ in range(10)]
+        assert answered.count("r0") >= 3 and answered.count("r1") >= 3
+        with Client(targets, root_certs=pki / "ca.pem", timeout=5, max_attempts=1) as client:
+            with pytest.raises(TwoStageError) as caught:
+                client.info()  # the certificate names twostage.test, not the addresses
+        assert caught.value.code == grpc.StatusCode.UNAVAILABLE
+    finally:
+        for server, _ in servers:
+            server.stop(None)
