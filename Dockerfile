@@ -31,6 +31,7 @@ FROM base AS source
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY client/ client/
+COPY model/ model/
 COPY server/ server/
 COPY export/ export/
 RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .

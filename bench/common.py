@@ -26,6 +26,8 @@ import numpy as np
 import onnxruntime  # noqa: F401  - load before usearch: `import usearch.index` then `import onnxruntime`,
 #                      with nothing else loaded first, crashes the interpreter with this venv's wheels
 
+from twostage.model.session import available_cpus  # the server's count: affinity mask and cgroup quota
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 RESULTS_DIR = REPO_ROOT / "bench" / "results"
 
@@ -70,12 +72,6 @@ def finish_common_args(args: argparse.Namespace) -> argparse.Namespace:
     if args.out is None:
         args.out = Path(args.cache) / "quick-results" if args.quick else RESULTS_DIR
     return args
-
-
-def available_cpus() -> int:
-    if hasattr(os, "sched_getaffinity"):
-        return max(1, len(os.sched_getaffinity(0)))
-    return os.cpu_count() or 1
 
 
 def resolve_threads(threads: int) -> int:

@@ -129,7 +129,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from twostage.export.manifest import read_manifest
+    from twostage.model.manifest import read_manifest
 
     args = parse_args(argv)
     threads = resolve_threads(args.threads)

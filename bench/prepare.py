@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from twostage.export.manifest import read_manifest, sha256_file, verify_model_dir
+from twostage.model.manifest import read_manifest, sha256_file, verify_model_dir
 
 
 def bi_encoder_fingerprint(models: Path) -> str:

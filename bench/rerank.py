@@ -235,7 +235,7 @@ class ServedCrossEncoder:
 
 
 def served_cross_encoder(models: Path) -> ServedCrossEncoder:
-    from twostage.export.manifest import verify_model_dir
+    from twostage.model.manifest import verify_model_dir
 
     md = verify_model_dir(models / "cross-encoder", "cross-encoder")
     return ServedCrossEncoder(md.path, md.model_path, md.tokenizer_path, int(md.manifest["max_length"]),
@@ -248,7 +248,7 @@ SERVED_INT8 = "plain ORT int8 session, served graph (padded to longest)"
 
 def pair_lengths(served: ServedCrossEncoder, spec: RerankRequestSpec) -> list[int]:
     """Token count of each pair as the server encodes it (its own tokenizer and truncation policy)."""
-    from twostage.server.tokenization import ModelTokenizer, encode_pairs
+    from twostage.model.tokenization import ModelTokenizer, encode_pairs
 
     tok = _tokenizer_cache.get(served.tokenizer_path)
     if tok is None:
@@ -337,7 +337,7 @@ def run_contenders(contenders: list[Contender], workload: list[RerankRequestSpec
 
 def agreement(a: Contender, b: Contender, workload: list[RerankRequestSpec]) -> dict[str, float]:
     """How closely two contenders running the same weights agree (sigmoid scores), over the workload's first requests."""
-    from twostage.export.postprocess import sigmoid
+    from twostage.model.postprocess import sigmoid
 
     diffs, rank_corr = [], []
     for spec in workload[:3]:

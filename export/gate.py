@@ -1,7 +1,12 @@
 """The accuracy gate: run the reference model (fp32, or the source ONNX) and the model to be served on a
 calibration set and measure how closely they agree.
 
-Figures, all computed on what the server computes (postprocess.embeddings_from_hidden / raw_scores):
+The gate has no runtime of its own: both models run through the model layer's `Embedder` / `Reranker`
+(twostage.model), the classes the server serves with, so the figures describe the graph exactly as served:
+same tokenization and truncation, same padding, same session options and left-out rewrites, same pooling,
+normalization and positive label.
+
+Figures:
 
 bi-encoder
   mean_cosine, min_cosine   cosine between reference and served embeddings of every query and passage.
@@ -28,18 +33,24 @@ figures are recorded only.
 """
 from __future__ import annotations
 
+import contextlib
+import itertools
 import json
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any, Iterator, Sequence
 
 import numpy as np
 
+from twostage.model.manifest import sha256_file
+from twostage.model.postprocess import l2_normalize
+
 from .errors import ExportError
-from .manifest import sha256_file
-from .modelinfo import read_json
-from .onnx_ops import inference_session
-from .postprocess import embeddings_from_hidden, l2_normalize, raw_scores
+
+if TYPE_CHECKING:  # the model layer's sessions import onnxruntime, which `twostage export --help` must not load
+    from twostage.model.embedder import Embedder
+    from twostage.model.reranker import Reranker
+    from twostage.model.tokenization import Encoded
 
 BUILTIN_CALIBRATION = Path(__file__).resolve().parent / "data" / "calibration.jsonl"
 TOP_K = 10
@@ -120,78 +131,6 @@ def load_calibration(path: Path | None = None) -> Calibration:
         raise ExportError(f"{file}: needs at least 2 queries, found {len(queries)}")
     name = "builtin" if path is None else str(file)
     return Calibration(name, sha256_file(file), queries, passages, relevant)
-
-
-def load_tokenizer(tokenizer_path: Path, max_length: int) -> Any:
-    """A `tokenizers` tokenizer that truncates at max_length and pads to the longest in the batch,
-    whatever padding/truncation the file has baked in."""
-    from tokenizers import Tokenizer
-
-    tokenizer = Tokenizer.from_file(str(tokenizer_path))
-    padding = tokenizer.padding
-    pad_id, pad_token = (padding["pad_id"], padding["pad_token"]) if padding else (None, None)
-    if pad_token is None:
-        config = read_json(Path(tokenizer_path).with_name("tokenizer_config.json")) or {}
-        configured = config.get("pad_token")
-        if isinstance(configured, dict):
-            configured = configured.get("content")
-        for candidate in (configured, "[PAD]", "<pad>"):
-            if isinstance(candidate, str) and tokenizer.token_to_id(candidate) is not None:
-                pad_id, pad_token = tokenizer.token_to_id(candidate), candidate
-                break
-        else:
-            pad_id, pad_token = 0, tokenizer.id_to_token(0) or "[PAD]"
-    tokenizer.no_padding()
-    tokenizer.no_truncation()
-    tokenizer.enable_truncation(max_length=max_length)
-    tokenizer.enable_padding(pad_id=pad_id, pad_token=pad_token)
-    return tokenizer
-
-
-def encode(tokenizer: Any, batch: list[Any], input_names: list[str]) -> dict[str, np.ndarray]:
-    """Feeds for one batch of texts (or (query, passage) pairs)."""
-    encodings = tokenizer.encode_batch(batch)
-    ids = np.array([e.ids for e in encodings], dtype=np.int64)
-    feeds = {"input_ids": ids, "attention_mask": np.array([e.attention_mask for e in encodings], dtype=np.int64)}
-    if "token_type_ids" in input_names:
-        feeds["token_type_ids"] = np.array([e.type_ids for e in encodings], dtype=np.int64)
-    if "position_ids" in input_names:
-        feeds["position_ids"] = np.broadcast_to(np.arange(ids.shape[1], dtype=np.int64), ids.shape).copy()
-    return feeds
-
-
-class OnnxModel:
-    """One ONNX file run the way the server runs it."""
-
-    def __init__(self, path: Path, output: str):
-        self.path = Path(path)
-        self.session = inference_session(path)
-        self.input_names = [i.name for i in self.session.get_inputs()]
-        self.output = output
-
-    def _run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
-        try:
-            return self.session.run([self.output], {k: v for k, v in feeds.items() if k in self.input_names})[0]
-        except Exception as exc:
-            raise ExportError(f"{self.path}: inference failed: {exc}") from exc
-
-    def embed(self, tokenizer: Any, texts: list[str], pooling: str, normalize: bool) -> np.ndarray:
-        out = []
-        for start in range(0, len(texts), BATCH_SIZE):
-            feeds = encode(tokenizer, texts[start:start + BATCH_SIZE], self.input_names)
-            hidden = self._run(feeds)
-            if hidden.ndim != 3:
-                raise ExportError(f"{self.path}: output {self.output} has shape {hidden.shape}, expected "
-                                  "[batch, sequence, hidden]")
-            out.append(embeddings_from_hidden(hidden, feeds["attention_mask"], pooling, normalize))
-        return np.concatenate(out)
-
-    def logits(self, tokenizer: Any, pairs: list[tuple[str, str]]) -> np.ndarray:
-        out = []
-        for start in range(0, len(pairs), BATCH_SIZE):
-            logits = np.asarray(self._run(encode(tokenizer, pairs[start:start + BATCH_SIZE], self.input_names)))
-            out.append(logits.reshape(logits.shape[0], -1))
-        return np.concatenate(out).astype(np.float32)
 
 
 def average_ranks(values: np.ndarray) -> np.ndarray:
@@ -304,24 +243,62 @@ def items(subject: GateSubject, cal: Calibration) -> list[Any]:
     return cal.pairs
 
 
-def serve(model: OnnxModel, subject: GateSubject, tokenizer: Any, batch: list[Any]) -> np.ndarray:
-    """What the server returns for a batch: embeddings [n, dim] or raw scores [n]."""
-    if subject.role == "bi-encoder":
-        return model.embed(tokenizer, batch, subject.pooling or "mean", subject.normalize)
-    return raw_scores(model.logits(tokenizer, batch), subject.positive_label)
+@contextlib.contextmanager
+def model_errors(path: Path, doing: str) -> Iterator[None]:
+    """Any failure of ONNX Runtime on `path` as an ExportError naming the file."""
+    try:
+        yield
+    except ExportError:
+        raise
+    except Exception as exc:
+        raise ExportError(f"{path}: {doing}: {exc}") from exc
+
+
+def open_model(subject: GateSubject, path: Path) -> Embedder | Reranker:
+    """The model layer's `Embedder` / `Reranker` on one ONNX file: the class, session options and tokenizer
+    handling the server uses."""
+    from twostage.model.embedder import Embedder
+    from twostage.model.onnx_model import ModelSpec
+    from twostage.model.reranker import Reranker
+
+    spec = ModelSpec(Path(path), subject.tokenizer_path, subject.output, subject.max_length,
+                     pooling=subject.pooling or "mean", normalize=subject.normalize,
+                     positive_label=subject.positive_label)
+    with model_errors(path, "ONNX Runtime cannot load the model"):
+        return Embedder(spec) if subject.role == "bi-encoder" else Reranker(spec)
+
+
+def by_query(pairs: Sequence[tuple[str, str]]) -> Iterator[tuple[str, list[str]]]:
+    """(query, passages) for each run of consecutive pairs with the same query, in order."""
+    for query, run in itertools.groupby(pairs, key=lambda pair: pair[0]):
+        yield query, [passage for _, passage in run]
+
+
+def encode(model: Embedder | Reranker, batch: Sequence[Any]) -> list[Encoded]:
+    """Model inputs for texts (bi-encoder) or (query, passage) pairs (cross-encoder), cut to max_length as the
+    server cuts them."""
+    if model.role == "bi-encoder":
+        return model.encode(batch)
+    return [e for query, passages in by_query(batch) for e in model.encode(query, passages)]
+
+
+def serve(model: Embedder | Reranker, batch: Sequence[Any]) -> np.ndarray:
+    """What the server returns for `batch` run as one padded batch: embeddings [n, dim] or raw scores [n]."""
+    with model_errors(model.spec.model_path, "inference failed"):
+        rows = model.run_batch(encode(model, batch))
+        return rows if model.role == "bi-encoder" else model.scores(rows).raw
 
 
 def served_outputs(subject: GateSubject, path: Path, cal: Calibration) -> Outputs:
-    """Run one model on the whole calibration set the way the server runs it."""
-    tokenizer = load_tokenizer(subject.tokenizer_path, subject.max_length)
-    model = OnnxModel(path, subject.output)
-    if subject.role == "bi-encoder":
-        flat = [p for ps in cal.passages for p in ps]
-        queries = model.embed(tokenizer, cal.queries, subject.pooling or "mean", subject.normalize)
-        passages = model.embed(tokenizer, flat, subject.pooling or "mean", subject.normalize)
-        return Outputs(subject.role, queries=queries, passages=passages, dimension=int(queries.shape[1]))
-    logits = model.logits(tokenizer, cal.pairs)
-    return Outputs(subject.role, scores=raw_scores(logits, subject.positive_label), dimension=int(logits.shape[1]))
+    """Run one model on the whole calibration set the way the server runs it, BATCH_SIZE inputs at a time."""
+    model = open_model(subject, path)
+    with model_errors(path, "inference failed"):
+        if model.role == "bi-encoder":
+            queries = model.embed(cal.queries, BATCH_SIZE)
+            passages = model.embed([p for ps in cal.passages for p in ps], BATCH_SIZE)
+            return Outputs(subject.role, queries=queries, passages=passages, dimension=int(queries.shape[1]))
+        logits = model.run_batches(encode(model, cal.pairs), BATCH_SIZE)
+        return Outputs(subject.role, scores=model.scores(logits).raw, dimension=int(logits.shape[1]))
 
 
 def compare(cal: Calibration, reference: Outputs, candidate: Outputs) -> dict[str, float]:
@@ -348,11 +325,10 @@ def difference(subject: GateSubject, a: np.ndarray, b: np.ndarray) -> float:
     return float(np.max(np.abs(np.asarray(a, dtype=np.float64) - np.asarray(b, dtype=np.float64))))
 
 
-def mixed_lengths(subject: GateSubject, cal: Calibration, count: int) -> list[Any]:
-    """`count` calibration inputs spread from the shortest to the longest (in tokens)."""
-    tokenizer = load_tokenizer(subject.tokenizer_path, subject.max_length)
+def mixed_lengths(model: Embedder | Reranker, subject: GateSubject, cal: Calibration, count: int) -> list[Any]:
+    """`count` calibration inputs spread from the shortest to the longest (in tokens, as `model` encodes them)."""
     pool = items(subject, cal)
-    lengths = [len(e.ids) for e in tokenizer.encode_batch(pool)]
+    lengths = [len(e) for e in encode(model, pool)]
     order = np.argsort(lengths, kind="mergesort")
     picks = sorted({int(order[int(round(i))]) for i in np.linspace(0, len(pool) - 1, count)})
     rng = np.random.default_rng(0)  # mixed order, so that short rows sit next to long ones in the batch
@@ -362,34 +338,45 @@ def mixed_lengths(subject: GateSubject, cal: Calibration, count: int) -> list[An
 def batch_variation(subject: GateSubject, path: Path, cal: Calibration, count: int = 16) -> float:
     """How much a row's served output changes between scoring it alone and inside one padded batch of `count`
     calibration inputs of mixed lengths (see `difference`)."""
-    tokenizer = load_tokenizer(subject.tokenizer_path, subject.max_length)
-    model = OnnxModel(path, subject.output)
-    batch = mixed_lengths(subject, cal, count)
-    together = serve(model, subject, tokenizer, batch)
-    alone = np.concatenate([serve(model, subject, tokenizer, [item]) for item in batch])
+    model = open_model(subject, path)
+    batch = mixed_lengths(model, subject, cal, count)
+    together = serve(model, batch)
+    alone = np.concatenate([serve(model, [item]) for item in batch])
     return difference(subject, alone, together)
 
 
 def agreement(subject: GateSubject, a: Path, b: Path, cal: Calibration, count: int = 32) -> float:
     """`difference` between two models on `count` calibration inputs of mixed lengths, in one batch."""
-    tokenizer = load_tokenizer(subject.tokenizer_path, subject.max_length)
-    batch = mixed_lengths(subject, cal, count)
-    return difference(subject, serve(OnnxModel(a, subject.output), subject, tokenizer, batch),
-                      serve(OnnxModel(b, subject.output), subject, tokenizer, batch))
+    model_a, model_b = open_model(subject, a), open_model(subject, b)
+    batch = mixed_lengths(model_a, subject, cal, count)
+    return difference(subject, serve(model_a, batch), serve(model_b, batch))
 
 
 def calibration_inputs(subject: GateSubject, cal: Calibration, input_names: list[str], batch_size: int = 16,
                        long_inputs: int = 8) -> list[dict[str, np.ndarray]]:
-    """Model feeds for activation calibration: every calibration input in batches, plus `long_inputs` inputs
-    built by joining one query's passages (cut at max_length), so that the activation ranges also cover long
-    inputs and late positions."""
-    tokenizer = load_tokenizer(subject.tokenizer_path, subject.max_length)
+    """Model feeds (int64, the graph's `input_names`) for activation calibration: every calibration input in
+    batches, plus `long_inputs` inputs built by joining one query's passages (cut at max_length), so that the
+    activation ranges also cover long inputs and late positions. Tokenized and padded by the model layer, as
+    the server does; no session is needed."""
+    from twostage.model.onnx_model import KNOWN_INPUTS, model_feeds, pad_batch
+    from twostage.model.tokenization import ModelTokenizer, encode_pairs, encode_texts
+
+    tokenizer = ModelTokenizer.from_file(subject.tokenizer_path)
+    int64 = {name: np.int64 for name in input_names if name in KNOWN_INPUTS}
+
+    def feeds(batch: list[Any]) -> dict[str, np.ndarray]:
+        if subject.role == "bi-encoder":
+            encoded = encode_texts(tokenizer, batch, subject.max_length)
+        else:
+            encoded = [e for query, passages in by_query(batch)
+                       for e in encode_pairs(tokenizer, query, passages, subject.max_length)]
+        return model_feeds(pad_batch(encoded, tokenizer.pad_id), int64)
+
     pool = items(subject, cal)
     joined = [" ".join(ps) for ps in cal.passages[:long_inputs]]
     long = joined if subject.role == "bi-encoder" else list(zip(cal.queries[:long_inputs], joined))
-    feeds = [encode(tokenizer, pool[i:i + batch_size], input_names) for i in range(0, len(pool), batch_size)]
-    feeds += [encode(tokenizer, long[i:i + 4], input_names) for i in range(0, len(long), 4)]
-    return feeds
+    return ([feeds(pool[i:i + batch_size]) for i in range(0, len(pool), batch_size)]
+            + [feeds(long[i:i + 4]) for i in range(0, len(long), 4)])
 
 
 def evaluate(role: str, figures: dict[str, float], thresholds: Thresholds) -> list[str]:

@@ -12,8 +12,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from twostage.model.postprocess import POOLING_MODES
+
 from .errors import ExportError
-from .postprocess import POOLING_MODES
 
 # Files that make up a Hugging Face tokenizer, copied verbatim into the model directory.
 TOKENIZER_FILES = (

@@ -266,24 +266,3 @@ def describe_source_quantization(path: Path) -> dict[str, Any]:
     return {"mode": "static-int8" if static else "dynamic-int8", "applied_by": "source", "target": None,
             "per_channel": per_channel.pop() if len(per_channel) == 1 else None, "reduce_range": None,
             "weight_type": weight_types.pop() if len(weight_types) == 1 else None, "activation_type": "uint8"}
-
-
-# ONNX Runtime graph rewrites that the server and the export's gate both leave out, so that the gate measures
-# the graph exactly as it is served. SkipLayerNormFusion (Add + LayerNormalization -> SkipLayerNormalization):
-# on ONNX Runtime 1.32's CPU kernels the fused op made the 12-layer int8 reranker slower, not faster: 100 MS MARCO
-# pairs in batches of <= 256 tokens on one thread took a median 1,038 ms fused against 824 ms unfused (6 runs
-# each, alternating, this 2-core AVX-512 VNNI machine); scores differ by at most 0.08 logit (int8 rounding).
-DISABLED_OPTIMIZERS = ("SkipLayerNormFusion",)
-
-
-def inference_session(path: Path, threads: int | None = None) -> Any:
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    if threads:
-        options.intra_op_num_threads = threads
-    try:
-        return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"],
-                                    disabled_optimizers=list(DISABLED_OPTIMIZERS))
-    except Exception as exc:
-        raise ExportError(f"{path}: ONNX Runtime cannot load the model: {exc}") from exc

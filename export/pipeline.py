@@ -27,18 +27,21 @@ from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any, Iterator, TextIO
 
+from twostage.model.manifest import FORMAT as MANIFEST_FORMAT, MANIFEST_NAME, ROLES, ManifestError, sha256_file, \
+    verify_model_dir
+
 from . import gate as gates
 from .cpu import detect_target, target_settings
 from .errors import ExportError, GateFailed
-from .manifest import FORMAT as MANIFEST_FORMAT, MANIFEST_NAME, ROLES, ManifestError, sha256_file, verify_model_dir, \
-    write_manifest
+from .manifest import write_manifest
 from .modelinfo import (TOKENIZER_FILES, choose_positive_label, copy_tokenizer_files, ensure_fast_tokenizer,
                         label_names, read_json, read_max_length, read_pooling)
 from .sources import Source
 
 # Bump when the steps change in a way that should rebuild existing model directories.
-EXPORTER_VERSION = 4  # 3: the gate's sessions leave out onnx_ops.DISABLED_OPTIMIZERS, as the server does;
-                      # 4: first-token readouts compute only the first token past the last attention
+EXPORTER_VERSION = 5  # 3: the gate's sessions leave out DISABLED_OPTIMIZERS, as the server does;
+                      # 4: first-token readouts compute only the first token past the last attention;
+                      # 5: the gate runs its models through the model layer (the server's tokenization, sessions)
 TOOL_PACKAGES = ("twostage", "onnxruntime", "onnx", "optimum", "optimum-onnx", "transformers", "torch",
                  "tokenizers", "huggingface_hub", "numpy")
 MODEL_FILE, FP32_FILE, TOKENIZER_FILE = "model.onnx", "model_fp32.onnx", "tokenizer.json"
@@ -279,10 +282,8 @@ def copy_tokenizer(source: Source, staging: Path) -> None:
 
 def probe_labels(source: Source, facts: ModelFacts, graph: Path, output: str, tokenizer: Path) -> list[str]:
     """Cross-encoder labels: from config.json, else one LABEL_i per logit of a sample run."""
-    model = gates.OnnxModel(graph, output)
-    logits = model.logits(gates.load_tokenizer(tokenizer, facts.max_length),
-                          [("sample query", "a sample passage"), ("another", "text")])
-    count = logits.shape[1]
+    model = gates.open_model(gates.GateSubject("cross-encoder", tokenizer, facts.max_length, output), graph)
+    count = model.dimension  # the width of the logits of its warm-up run
     if facts.labels is not None:
         if len(facts.labels) != count:
             raise ExportError(f"{graph}: outputs {count} logits but the configuration names {len(facts.labels)} "
@@ -293,9 +294,9 @@ def probe_labels(source: Source, facts: ModelFacts, graph: Path, output: str, to
 
 def probe_embeddings(graph: Path, output: str, tokenizer: Path, facts: ModelFacts) -> None:
     """Run a sample through a bi-encoder graph (shape errors surface here, naming the file)."""
-    model = gates.OnnxModel(graph, output)
-    model.embed(gates.load_tokenizer(tokenizer, facts.max_length), ["a sample sentence", "another"],
-                facts.pooling or "mean", facts.normalize)
+    model = gates.open_model(gates.GateSubject("bi-encoder", tokenizer, facts.max_length, output, facts.pooling,
+                                               facts.normalize), graph)
+    gates.serve(model, ["a sample sentence", "another"])
 
 
 def no_quantization(reason: str) -> dict[str, Any]:

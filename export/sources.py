@@ -17,8 +17,9 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
+from twostage.model.manifest import FORMAT as MANIFEST_FORMAT, MANIFEST_NAME, sha256_file
+
 from .errors import ExportError
-from .manifest import FORMAT as MANIFEST_FORMAT, MANIFEST_NAME, sha256_file
 from .modelinfo import read_json
 
 ROLES = ("bi-encoder", "cross-encoder")

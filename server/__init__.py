@@ -1,1 +1,1 @@
-"""twostage serving runtime: config -> model runtime -> batcher -> index -> gRPC service -> app."""
+"""twostage server: config -> roles (model layer + batcher) -> index -> engine -> gRPC service -> app."""

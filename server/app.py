@@ -1,4 +1,4 @@
-"""App wiring: config -> models -> batchers -> index -> engine -> gRPC server with health, reflection,
+"""App wiring: config -> models -> roles (model + batcher) -> index -> engine -> gRPC server with health, reflection,
 metrics, structured logs and graceful shutdown.
 
 Start-up order: the gRPC port opens first with health NOT_SERVING (RPCs answer UNAVAILABLE), then models
@@ -16,21 +16,21 @@ import time
 from dataclasses import dataclass
 from importlib import metadata
 from pathlib import Path
-from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from twostage.server.auth import ApiKeyInterceptor, DecodeGuardInterceptor
-from twostage.server.batcher import Batcher, InferencePool
+from twostage.model.model_set import open_model_set
+from twostage.model.onnx_model import OnnxModel
 from twostage.server.config import Config
 from twostage.server.engine import Engine
 from twostage.server.index.backend import Snapshotting
 from twostage.server.index.embedded import DocumentIndex
 from twostage.server.index.settings import IndexSettings
 from twostage.server.metrics import Metrics
-from twostage.server.runtime import load_model_set, thread_layout
+from twostage.server.roles import BatchLimits, EmbeddingRole, RerankRole, inference_pool, session_settings
 from twostage.server.service import TwoStageService
 from twostage.v1 import twostage_pb2 as pb
 from twostage.v1 import twostage_pb2_grpc as pb_grpc
@@ -71,7 +71,7 @@ def setup_logging(config: Config) -> None:
 
 
 def build_info(config: Config, engine: Engine) -> pb.InfoResponse:
-    def model_info(role: str, model: Any) -> pb.ModelInfo:
+    def model_info(role: str, model: OnnxModel) -> pb.ModelInfo:
         m = model.manifest
         src = m.get("source", {})
         source = f"{src.get('kind', '?')}:{src.get('id') or src.get('path') or ''}"
@@ -93,8 +93,8 @@ def build_info(config: Config, engine: Engine) -> pb.InfoResponse:
     index = engine.index.describe()  # the embedded backend's settings; absent keys read as 0 / ""
     return pb.InfoResponse(
         server_version=server_version(),
-        bi_encoder=model_info("bi-encoder", engine.embedder),
-        cross_encoder=model_info("cross-encoder", engine.reranker),
+        bi_encoder=model_info("bi-encoder", engine.embedder.model),
+        cross_encoder=model_info("cross-encoder", engine.reranker.model),
         embed_batching=batching("embed"), rerank_batching=batching("rerank"),
         index=pb.IndexInfo(size=engine.index.size, dimension=engine.index.dimension, metric=index.get("metric", ""),
                            dtype=index.get("dtype", ""), connectivity=int(index.get("connectivity", 0)),
@@ -112,27 +112,14 @@ def build_info(config: Config, engine: Engine) -> pb.InfoResponse:
 
 
 def load_engine(config: Config, metrics: Metrics | None) -> Engine:
-    """Blocking: verify and load both models, open the index, make the batchers (not yet started)."""
-    embedder, reranker = load_model_set(Path(config.models), config)
+    """Blocking: verify and load both models, open the index, make the roles (not yet started: `engine.start()`
+    on the serving loop; `await engine.close()` stops everything made here)."""
+    embedder, reranker = open_model_set(Path(config.models), session_settings(config))
     index = DocumentIndex.open(Path(config.index), embedder.dimension, IndexSettings.from_config(config))
-
     # One pool of workers for both models, sized with the sessions' intra-op threads to the cores.
-    workers, _ = thread_layout(config)
-    pool = InferencePool(workers)
-
-    def batcher(name: str, model: Any, prefix: str) -> Batcher:
-        return Batcher(name, model.run_batch, pool=pool,
-                       max_batch_tokens=getattr(config, f"{prefix}_max_batch_tokens"),
-                       max_batch_size=getattr(config, f"{prefix}_max_batch_size"),
-                       max_delay_ms=getattr(config, f"{prefix}_max_delay_ms"),
-                       max_queued_tokens=getattr(config, f"{prefix}_max_queued_tokens"),
-                       enabled=config.batching, metrics=metrics)
-
-    engine = Engine(config, embedder, reranker, index,
-                    embed_batcher=batcher("bi-encoder", embedder, "embed"),
-                    rerank_batcher=batcher("cross-encoder", reranker, "rerank"))
-    engine.pool = pool
-    return engine
+    pool = inference_pool(config)
+    return Engine(config, EmbeddingRole(embedder, pool, BatchLimits.from_config(config, "embed"), metrics),
+                  RerankRole(reranker, pool, BatchLimits.from_config(config, "rerank"), metrics), index, pool)
 
 
 def _credentials(config: Config) -> grpc.ServerCredentials | None:
@@ -193,10 +180,7 @@ class RunningServer:
         await self.server.stop(max(0.0, end - time.monotonic()))
         engine = self.service.engine
         if engine is not None:
-            await engine.embed_batcher.stop(drain_timeout=1.0)
-            await engine.rerank_batcher.stop(drain_timeout=1.0)
-            await asyncio.to_thread(engine.index.close)
-            engine.pool.shutdown()
+            await engine.close(drain_timeout=1.0)
         self.metrics.close()
         log.info("stopped")
 
@@ -242,14 +226,14 @@ async def start_server(config: Config) -> RunningServer:
     async def load() -> None:
         t0 = time.perf_counter()
         engine = await asyncio.to_thread(load_engine, config, metrics)
-        engine.embed_batcher.start()
-        engine.rerank_batcher.start()
+        engine.start()
         service.engine = engine
         metrics.index_size.set(engine.index.size)
         for name in ("", SERVICE_NAME):
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"load_s": round(time.perf_counter() - t0, 2), "index_size": engine.index.size,
-                                   "bi_encoder": engine.embedder.name, "cross_encoder": engine.reranker.name})
+                                   "bi_encoder": engine.embedder.model.name,
+                                   "cross_encoder": engine.reranker.model.name})
         rs._saver = asyncio.create_task(_save_periodically(engine, config.index_save_interval_s))
 
     rs._loading = asyncio.create_task(load())

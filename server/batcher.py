@@ -51,7 +51,7 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from twostage.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
-from twostage.server.tokenization import Encoded, padded_tokens
+from twostage.model.tokenization import Encoded, padded_tokens
 
 
 class BatchMetrics(Protocol):

@@ -47,40 +47,39 @@ def add_index_build_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 class BackgroundEmbedder:
-    """A synchronous `embed(texts) -> vectors` backed by the server's Batcher on a private event loop, so that
-    `index build` embeds through exactly the code path the server uses."""
+    """A synchronous `embed(texts) -> vectors` backed by the server's `EmbeddingRole` (model + batcher) on a
+    private event loop, so that `index build` embeds through exactly the code path the server uses. Batching is
+    always on here and the queue bound is raised to at least 10M tokens (one caller, large batches of texts)."""
 
     def __init__(self, config: Config):
-        from twostage.server.batcher import Batcher, InferencePool
-        from twostage.server.runtime import load_embedding_model, thread_layout
+        import dataclasses
 
-        self.model = load_embedding_model(Path(config.models), config)
+        from twostage.model.model_set import open_embedder
+        from twostage.server.roles import BatchLimits, EmbeddingRole, inference_pool, session_settings
+
+        self.model = open_embedder(Path(config.models), session_settings(config))
+        limits = BatchLimits.from_config(config, "embed")
+        limits = dataclasses.replace(limits, enabled=True, max_queued_tokens=max(limits.max_queued_tokens, 10_000_000))
+        self._pool = inference_pool(config, name="index-build")
+        self.role = EmbeddingRole(self.model, self._pool, limits)
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="embed-loop", daemon=True)
         self._thread.start()
-        self.batcher = Batcher("bi-encoder", self.model.run_batch, max_batch_tokens=config.embed_max_batch_tokens,
-                               max_batch_size=config.embed_max_batch_size, max_delay_ms=config.embed_max_delay_ms,
-                               max_queued_tokens=max(config.embed_max_queued_tokens, 10_000_000), enabled=True,
-                               pool=InferencePool(thread_layout(config)[0], name="index-build"))
         asyncio.run_coroutine_threadsafe(self._start(), self._loop).result()
 
     async def _start(self) -> None:
-        self.batcher.start()
+        self.role.start()
 
     @property
     def dimension(self) -> int:
         return int(self.model.dimension)
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        from twostage.server import tokenization
-
-        encoded = tokenization.encode_texts(self.model.tokenizer, texts, self.model.max_length)
-        result = asyncio.run_coroutine_threadsafe(self.batcher.submit(encoded), self._loop).result()
-        return np.asarray(result.outputs, dtype=np.float32)
+        return asyncio.run_coroutine_threadsafe(self.role.embed(texts), self._loop).result().vectors
 
     def close(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.batcher.stop(drain_timeout=1.0), self._loop).result()
-        self.batcher.pool.shutdown()
+        asyncio.run_coroutine_threadsafe(self.role.stop(drain_timeout=1.0), self._loop).result()
+        self._pool.shutdown()
         self._loop.call_soon_threadsafe(self._loop.stop)
         self._thread.join(timeout=5)
 

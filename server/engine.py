@@ -1,7 +1,9 @@
-"""The domain layer: Search, Rerank, Embed, Upsert and Delete on top of the models, batchers and index.
+"""The domain layer: Search, Rerank, Embed, Upsert and Delete on top of the served models (server/roles.py) and
+the index.
 
 Knows nothing of gRPC: takes plain values, returns dataclasses, raises `twostage.server.errors`.
-Every request is validated here, before any work is queued.
+Every request is validated here, before any work is queued. Vectors and scores come from the roles; the engine
+never touches a tokenizer or a logit.
 """
 from __future__ import annotations
 
@@ -14,12 +16,11 @@ from typing import Any, Sequence
 
 import numpy as np
 
-from twostage.export.postprocess import normalized_scores, raw_scores
-from twostage.server import tokenization
-from twostage.server.batcher import Batcher
+from twostage.server.batcher import BatchStats, InferencePool
 from twostage.server.config import Config
 from twostage.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from twostage.server.index.backend import IndexBackend, StoredDoc, embedding_text
+from twostage.server.roles import EmbeddingRole, RerankRole
 
 
 # ----------------------------------------------------------------------------------------- results
@@ -32,7 +33,7 @@ class StageTiming:
     items: int = 0
     tokens: int = 0
 
-    def add(self, stats: Any) -> None:
+    def add(self, stats: BatchStats) -> None:
         """Fold in a batcher result's stats (several submits per stage under a latency budget)."""
         if self.batches == 0:
             self.queue_ms = stats.queue_ms
@@ -180,28 +181,37 @@ def check_filter(flt: dict[str, Any] | None, max_keys: int) -> None:
 class Engine:
     """Search/Rerank/Embed/Upsert/Delete. One per server; shared by all requests."""
 
-    def __init__(self, config: Config, embedder: Any, reranker: Any, index: IndexBackend,
-                 embed_batcher: Batcher, rerank_batcher: Batcher):
+    def __init__(self, config: Config, embedder: EmbeddingRole, reranker: RerankRole, index: IndexBackend,
+                 pool: InferencePool):
+        """`pool` is the InferencePool both roles run on; the engine owns what it is given: `close()` stops the
+        roles, closes the index and shuts the pool down."""
         self.config = config
         self.embedder = embedder
         self.reranker = reranker
         self.index = index
-        self.embed_batcher = embed_batcher
-        self.rerank_batcher = rerank_batcher
-        self.positive_label = int(reranker.manifest.get("positive_label", 0) or 0)
-        self.pool: Any = None  # the InferencePool shared by both batchers (set by app.load_engine)
+        self.pool = pool
+
+    # ---------------------------------------------------------------- lifecycle
+    def start(self) -> None:
+        """Start both roles' batchers on the running event loop."""
+        self.embedder.start()
+        self.reranker.start()
+
+    async def close(self, drain_timeout: float = 1.0) -> None:
+        """Stop the roles (queued work gets `drain_timeout` s), close the index, shut the inference pool down."""
+        await self.embedder.stop(drain_timeout=drain_timeout)
+        await self.reranker.stop(drain_timeout=drain_timeout)
+        await asyncio.to_thread(self.index.close)
+        self.pool.shutdown()
 
     # ---------------------------------------------------------------- embed
     async def _embed_texts(self, texts: list[str], timing: Timing, deadline: float | None,
                            max_tokens: int = 0, truncate: bool = True, field_name: str = "texts") -> np.ndarray:
-        limit = self.embedder.max_length if not max_tokens else min(max_tokens, self.embedder.max_length)
-        t0 = time.perf_counter()
-        encoded = await asyncio.to_thread(tokenization.encode_texts, self.embedder.tokenizer, texts, limit,
-                                          truncate=truncate, field=field_name)
-        timing.embed.tokenize_ms += (time.perf_counter() - t0) * 1000.0
-        result = await self.embed_batcher.submit(encoded, deadline=deadline)
-        timing.embed.add(result.stats)
-        return np.asarray(result.outputs, dtype=np.float32)
+        embedded = await self.embedder.embed(texts, deadline=deadline, max_tokens=max_tokens, truncate=truncate,
+                                             field=field_name)
+        timing.embed.tokenize_ms += embedded.tokenize_ms
+        timing.embed.add(embedded.stats)
+        return embedded.vectors
 
     async def embed(self, texts: list[str], *, truncate: bool = True, deadline: float | None = None) -> EmbedOutcome:
         cfg = self.config
@@ -210,43 +220,21 @@ class Engine:
             check_text(f"texts[{i}]", t, cfg.max_text_bytes)
         timing = Timing()
         vectors = await self._embed_texts(list(texts), timing, deadline, truncate=truncate)
-        return EmbedOutcome(vectors=vectors, normalized=bool(self.embedder.normalize), timing=timing.finish())
+        return EmbedOutcome(vectors=vectors, normalized=self.embedder.model.normalize, timing=timing.finish())
 
     # ---------------------------------------------------------------- rerank core
     async def _score_pairs(self, query: str, docs: list[str], timing: Timing, deadline: float | None, *,
                            max_query_tokens: int, max_doc_tokens: int, truncate: bool,
                            chunk_long: bool, chunk_overlap: int, want_raw: bool) -> tuple[np.ndarray, list[int], list[int], list[bool]]:
         """Scores per document (raw or normalized; best chunk in long-document mode), chunk counts, best chunk,
-        truncated flags. The best chunk is chosen on the normalized score (for single-logit models the same
-        order as the raw logit)."""
-        t0 = time.perf_counter()
-        if chunk_long:
-            encoded, owner = await asyncio.to_thread(
-                tokenization.chunk_document_pairs, self.reranker.tokenizer, query, docs, self.reranker.max_length,
-                max_query_tokens=max_query_tokens, max_doc_tokens=max_doc_tokens, overlap=chunk_overlap)
-        else:
-            encoded = await asyncio.to_thread(
-                tokenization.encode_pairs, self.reranker.tokenizer, query, docs, self.reranker.max_length,
-                max_query_tokens=max_query_tokens, max_doc_tokens=max_doc_tokens, truncate=truncate)
-            owner = list(range(len(docs)))
-        timing.rerank.tokenize_ms += (time.perf_counter() - t0) * 1000.0
-        result = await self.rerank_batcher.submit(encoded, deadline=deadline)
-        timing.rerank.add(result.stats)
-        norm = normalized_scores(result.outputs, self.positive_label)
-        chosen = raw_scores(result.outputs, self.positive_label) if want_raw else norm
-        best = np.full(len(docs), -np.inf, dtype=np.float32)
-        best_norm = np.full(len(docs), -np.inf, dtype=np.float32)
-        best_chunk = [0] * len(docs)
-        chunks = [0] * len(docs)
-        truncated = [False] * len(docs)
-        for j, d in enumerate(owner):
-            if chunks[d] == 0 or norm[j] > best_norm[d]:
-                best_norm[d] = norm[j]
-                best[d] = chosen[j]
-                best_chunk[d] = chunks[d]
-            chunks[d] += 1
-            truncated[d] = truncated[d] or bool(encoded[j].truncated)
-        return best, chunks, best_chunk, truncated
+        truncated flags (twostage.model.reranker.best_chunks)."""
+        scored = await self.reranker.score(query, docs, deadline=deadline, max_query_tokens=max_query_tokens,
+                                           max_doc_tokens=max_doc_tokens, truncate=truncate, chunk_long=chunk_long,
+                                           chunk_overlap=chunk_overlap)
+        timing.rerank.tokenize_ms += scored.tokenize_ms
+        timing.rerank.add(scored.stats)
+        d = scored.documents
+        return (d.raw if want_raw else d.normalized), d.chunks, d.best_chunk, d.truncated
 
     def _validate_rerank_query(self, query: str, max_query_tokens: int, max_doc_tokens: int) -> None:
         check_text("query", query, self.config.max_query_bytes)

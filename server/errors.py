@@ -1,17 +1,11 @@
 """Domain errors. The gRPC service maps each to one status code, in one place (service.STATUS_OF)."""
 from __future__ import annotations
 
+# The base class and InvalidArgument live in the model layer (tokenization raises InvalidArgument); re-exported here.
+from twostage.model.errors import InvalidArgument, TwoStageError
 
-class TwoStageError(Exception):
-    """Base class: the message is sent to the client as the status details."""
-
-
-class InvalidArgument(TwoStageError):
-    """A request field is wrong; the message names the field, the problem and the limit."""
-
-    def __init__(self, field: str, problem: str):
-        self.field = field
-        super().__init__(f"{field}: {problem}")
+__all__ = ["TwoStageError", "InvalidArgument", "NotFound", "ResourceExhausted", "DeadlineExceeded", "Cancelled",
+           "FailedPrecondition", "Unavailable"]
 
 
 class NotFound(TwoStageError):

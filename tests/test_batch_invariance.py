@@ -1,5 +1,5 @@
 """A row's result does not depend on the batch it is computed in: scoring a pair (or embedding a text) alone
-gives the same output as inside a padded batch of 16 inputs of mixed lengths, through the server's runtime.
+gives the same output as inside a padded batch of 16 inputs of mixed lengths, through the model layer the server runs (twostage.model).
 
 The exported int8 models use static activation scales (twostage.export.int8), so this holds up to float
 rounding. A dynamically quantized model (one activation scale per padded batch) is the control: the same
@@ -11,8 +11,10 @@ import shutil
 import numpy as np
 import pytest
 
-from twostage.export.manifest import read_manifest, write_manifest
-from twostage.server.runtime import CrossEncoderModel, EmbeddingModel
+from twostage.export.manifest import write_manifest
+from twostage.model.embedder import Embedder
+from twostage.model.manifest import read_manifest
+from twostage.model.reranker import Reranker
 
 MAX_SCORE_CHANGE = 1e-4
 MAX_COSINE_DISTANCE = 1e-5
@@ -36,7 +38,7 @@ def cosine_distance(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return 1.0 - (a * b).sum(axis=1)
 
 
-def score_change(model: CrossEncoderModel, docs: list[str]) -> float:
+def score_change(model: Reranker, docs: list[str]) -> float:
     """Largest change of a pair's logits between scoring it alone and in one batch with all the others."""
     pairs = model.encode(QUERY, docs)
     together = model.run_batch(pairs)
@@ -47,7 +49,7 @@ def score_change(model: CrossEncoderModel, docs: list[str]) -> float:
     return float(max(np.abs(together - alone).max(), np.abs(again - alone[::-2]).max()))
 
 
-def embedding_change(model: EmbeddingModel, texts: list[str]) -> float:
+def embedding_change(model: Embedder, texts: list[str]) -> float:
     encoded = model.encode(texts)
     together = model.run_batch(encoded)
     alone = np.vstack([model.run_batch([item]) for item in encoded])
@@ -55,7 +57,7 @@ def embedding_change(model: EmbeddingModel, texts: list[str]) -> float:
 
 
 def test_tiny_cross_encoder_scores_a_pair_the_same_alone_or_in_a_batch(tiny_models):
-    model = CrossEncoderModel(tiny_models / "cross-encoder")
+    model = Reranker.open(tiny_models / "cross-encoder")
     assert model.manifest["quantization"]["mode"] == "static-int8"
     docs = mixed_texts(longest=100)  # the tiny model takes 128 tokens
     assert len({len(p) for p in model.encode(QUERY, docs)}) == 16  # 16 different lengths, so real padding
@@ -63,7 +65,7 @@ def test_tiny_cross_encoder_scores_a_pair_the_same_alone_or_in_a_batch(tiny_mode
 
 
 def test_tiny_bi_encoder_embeds_a_text_the_same_alone_or_in_a_batch(tiny_models):
-    model = EmbeddingModel(tiny_models / "bi-encoder")
+    model = Embedder.open(tiny_models / "bi-encoder")
     assert model.manifest["quantization"]["mode"] == "static-int8"
     assert embedding_change(model, mixed_texts(longest=60)) <= MAX_COSINE_DISTANCE
 
@@ -79,13 +81,13 @@ def test_a_dynamically_quantized_model_fails_the_same_check(tiny_models, tmp_pat
     quantize_dynamic(str(directory / manifest["fp32_file"]), str(directory / "model.onnx"),
                      weight_type=QuantType.QInt8, per_channel=True, op_types_to_quantize=["MatMul"])
     write_manifest(directory, {**manifest, "quantization": {"mode": "dynamic-int8"}})
-    model = EmbeddingModel(directory)
+    model = Embedder.open(directory)
     assert embedding_change(model, mixed_texts(longest=60)) > MAX_COSINE_DISTANCE
 
 
 @pytest.mark.slow
 def test_packaged_cross_encoder_scores_a_pair_the_same_alone_or_in_a_batch(real_models):
-    model = CrossEncoderModel(real_models / "cross-encoder")
+    model = Reranker.open(real_models / "cross-encoder")
     assert model.manifest["quantization"]["mode"] == "static-int8"
     docs = mixed_texts(longest=200)
     assert max(len(p) for p in model.encode(QUERY, docs)) > 180
@@ -94,6 +96,6 @@ def test_packaged_cross_encoder_scores_a_pair_the_same_alone_or_in_a_batch(real_
 
 @pytest.mark.slow
 def test_packaged_bi_encoder_embeds_a_text_the_same_alone_or_in_a_batch(real_models):
-    model = EmbeddingModel(real_models / "bi-encoder")
+    model = Embedder.open(real_models / "bi-encoder")
     assert model.manifest["quantization"]["mode"] == "static-int8"
     assert embedding_change(model, mixed_texts(longest=200)) <= MAX_COSINE_DISTANCE

@@ -14,7 +14,7 @@ import pytest
 
 from twostage.server.batcher import Batcher, InferencePool
 from twostage.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
-from twostage.server.tokenization import Encoded
+from twostage.model.tokenization import Encoded
 
 
 def item(marker: int, length: int) -> Encoded:

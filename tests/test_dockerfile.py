@@ -151,7 +151,7 @@ def test_dockerignore_keeps_what_the_image_copies(stages):
     ignored = {line.strip() for line in (ROOT / ".dockerignore").read_text().splitlines()
                if line.strip() and not line.startswith("#")}
     copied = [src for i in stages["source"].all("COPY") for src in i.args.split()[:-1]]
-    assert copied == ["pyproject.toml", "README.md", "client/", "server/", "export/"]
+    assert copied == ["pyproject.toml", "README.md", "client/", "model/", "server/", "export/"]
     assert not {c.rstrip("/") for c in copied} & ignored
     assert {".git", "tests", "models", "index", "**/__pycache__"} <= ignored
 

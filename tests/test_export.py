@@ -18,11 +18,11 @@ from tiny_models import make_tiny_bert_checkpoint
 from twostage.export import cli, gate, int8, onnx_ops, pipeline
 from twostage.export.cpu import detect_target, target_settings
 from twostage.export.errors import ExportError, GateFailed
-from twostage.export.manifest import ManifestError, read_manifest, sha256_file, verify_model_dir
 from twostage.export.modelinfo import choose_positive_label, read_max_length, read_pooling
 from twostage.export.pipeline import ExportOptions, export_model
-from twostage.export.postprocess import embeddings_from_hidden
 from twostage.export.sources import (choose_defaults_mode, packaged_source, resolve_source)
+from twostage.model.manifest import ManifestError, read_manifest, sha256_file, verify_model_dir
+from twostage.model.postprocess import embeddings_from_hidden
 
 SENTENCES = ["the train to the city leaves at seven", "bake bread with flour, water and salt",
              "my bike has a flat tyre", "python code raises an error on this list"]
@@ -105,12 +105,14 @@ def test_served_int8_embeddings_match_the_pytorch_checkpoint(exported, checkpoin
     import torch
     from transformers import BertModel
 
-    m = read_manifest(exported / "bi-encoder")
-    tokenizer = gate.load_tokenizer(exported / "bi-encoder" / "tokenizer.json", m["max_length"])
-    served = gate.OnnxModel(exported / "bi-encoder" / "model.onnx", m["output"]).embed(
-        tokenizer, SENTENCES, m["pooling"], m["normalize"])
+    from twostage.model.embedder import Embedder
+    from twostage.model.onnx_model import pad_batch
+
+    embedder = Embedder.open(exported / "bi-encoder")
+    assert (embedder.pooling, embedder.normalize) == ("mean", True)
+    served = embedder.embed(SENTENCES)
     model = BertModel.from_pretrained(str(checkpoints["bi"])).eval()
-    feeds = gate.encode(tokenizer, SENTENCES, ["input_ids", "attention_mask", "token_type_ids"])
+    feeds = pad_batch(embedder.encode(SENTENCES), embedder.tokenizer.pad_id)
     with torch.no_grad():
         hidden = model(**{k: torch.from_numpy(v) for k, v in feeds.items()}).last_hidden_state.numpy()
     expected = embeddings_from_hidden(hidden, feeds["attention_mask"], "mean", True)

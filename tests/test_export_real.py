@@ -4,12 +4,15 @@ rebuilt in fp32, fused and quantized again with static scales, agrees with the s
 passage first. About a minute and a half on 2 cores."""
 from __future__ import annotations
 
+import dataclasses
 
 import numpy as np
 import pytest
 
-from twostage.export import gate
-from twostage.export.manifest import verify_model_dir
+from twostage.model.embedder import Embedder
+from twostage.model.manifest import verify_model_dir
+from twostage.model.onnx_model import ModelSpec
+from twostage.model.reranker import Reranker
 
 pytestmark = pytest.mark.slow
 
@@ -32,9 +35,10 @@ RERANK_PASSAGES = [
 
 
 def embed(model_dir, file_name, texts):
-    m = verify_model_dir(model_dir, "bi-encoder").manifest
-    tokenizer = gate.load_tokenizer(model_dir / m["tokenizer_file"], m["max_length"])
-    return gate.OnnxModel(model_dir / file_name, m["output"]).embed(tokenizer, texts, m["pooling"], m["normalize"])
+    """Vectors from one ONNX file of the directory, run as the server runs its model file."""
+    spec = dataclasses.replace(ModelSpec.from_model_dir(verify_model_dir(model_dir, "bi-encoder")),
+                               model_path=model_dir / file_name)
+    return Embedder(spec).embed(texts)
 
 
 def test_packaged_bi_encoder_int8_agrees_with_fp32_and_ranks_meaning(real_models):
@@ -72,9 +76,6 @@ def test_packaged_cross_encoder_is_valid_and_ranks_the_relevant_passage_first(re
     figures = m["gate"]["metrics"]
     assert figures["spearman"] >= 0.99 and figures["top1_agreement"] == 1.0 and figures["batch_variation"] <= 1e-4
     assert m["gate"]["secondary"]["metrics"]["spearman"] >= 0.99
-    tokenizer = gate.load_tokenizer(model_dir / m["tokenizer_file"], m["max_length"])
-    logits = gate.OnnxModel(model_dir / m["model_file"], m["output"]).logits(
-        tokenizer, [(RERANK_QUERY, p) for p in RERANK_PASSAGES])
-    scores = logits[:, m["positive_label"]]
+    scores = Reranker.open(model_dir).score(RERANK_QUERY, RERANK_PASSAGES).raw
     assert int(np.argmax(scores)) == 1, scores
     assert scores[1] > np.delete(scores, 1).max() + 1.0, scores

@@ -4,8 +4,8 @@ never reaches the model, and frees its queue slot.
 
 To hold work in flight deterministically the bi-encoder batcher is configured to wait `HOLD_MS` for a batch
 to fill (huge batch limits, long `embed_max_delay_ms`), so every Embed call stays queued for that long.
-The tests read the batcher's queue state (`engine.embed_batcher`) and the model's batch counters (the
-Prometheus endpoint and `engine.embedder.batches_run`) to know what happened; they never patch anything.
+The tests read the batcher's queue state (`engine.embedder.batcher`) and the model's batch counters (the
+Prometheus endpoint and `engine.embedder.model.batches_run`) to know what happened; they never patch anything.
 """
 from __future__ import annotations
 
@@ -72,7 +72,7 @@ def queue_server(tiny_models, tmp_path_factory):
 
 
 def batcher(srv: ServerThread):
-    return srv.running.engine.embed_batcher
+    return srv.running.engine.embedder.batcher
 
 
 def test_concurrency_limit_refuses_at_once_and_cancel_frees_a_slot(tiny_models, tmp_path):
@@ -134,7 +134,7 @@ def test_full_batch_queue_refuses_at_once_naming_the_bound(queue_server):
 
 def test_expired_deadline_drops_the_work_before_inference(queue_server):
     stub = queue_server.stub()
-    model = queue_server.running.engine.embedder
+    model = queue_server.running.engine.embedder.model
     batches, items = bi_encoder_items(queue_server)
     runs = model.batches_run
     with pytest.raises(grpc.RpcError) as err:

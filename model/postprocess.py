@@ -1,5 +1,7 @@
-"""How model outputs become embeddings and scores. Used by the export gate and by the server, so that the
-figures the gate records describe exactly what is served. numpy only."""
+"""How model outputs become embeddings and scores: pooling and L2 normalization for the bi-encoder, the positive
+label's raw logit and its sigmoid / softmax probability for the cross-encoder. `Embedder` and `Reranker` apply
+them, for the server and the export's gate alike, so that the figures the gate records describe exactly what is
+served. numpy only."""
 from __future__ import annotations
 
 import numpy as np
@@ -25,11 +27,13 @@ def pool(hidden: np.ndarray, attention_mask: np.ndarray, mode: str) -> np.ndarra
 
 
 def l2_normalize(vectors: np.ndarray) -> np.ndarray:
+    """Rows scaled to unit L2 norm (float32); an all-zero row stays zero."""
     norms = np.linalg.norm(vectors, axis=1, keepdims=True)
     return (vectors / np.clip(norms, 1e-12, None)).astype(np.float32)
 
 
 def embeddings_from_hidden(hidden: np.ndarray, attention_mask: np.ndarray, pooling: str, normalize: bool) -> np.ndarray:
+    """Token embeddings -> sentence embeddings [batch, dim] (float32), pooled and optionally L2-normalized."""
     vectors = pool(hidden, attention_mask, pooling)
     return l2_normalize(vectors) if normalize else vectors.astype(np.float32)
 
@@ -48,12 +52,12 @@ def normalized_scores(logits: np.ndarray, positive_label: int = 0) -> np.ndarray
     """Sigmoid of the single logit, or softmax probability of the positive label for multi-label heads."""
     logits = np.asarray(logits, dtype=np.float32)
     if logits.ndim == 1 or logits.shape[1] == 1:
-        raw = logits.reshape(-1).astype(np.float64)
-        return (1.0 / (1.0 + np.exp(-raw))).astype(np.float32)
+        return sigmoid(logits.reshape(-1))
     shifted = logits - logits.max(axis=1, keepdims=True)
     probs = np.exp(shifted) / np.exp(shifted).sum(axis=1, keepdims=True)
     return probs[:, positive_label].astype(np.float32)
 
 
 def sigmoid(x: np.ndarray) -> np.ndarray:
+    """Logistic function, computed in float64 and returned as float32."""
     return (1.0 / (1.0 + np.exp(-np.asarray(x, dtype=np.float64)))).astype(np.float32)
