@@ -26,8 +26,10 @@ from twostage.server.auth import ApiKeyInterceptor, DecodeGuardInterceptor
 from twostage.server.batcher import Batcher, InferencePool
 from twostage.server.config import Config
 from twostage.server.engine import Engine
+from twostage.server.errors import Unavailable
 from twostage.server.index import DocumentIndex, IndexSettings
 from twostage.server.metrics import Metrics
+from twostage.server.milvus import MilvusIndex, MilvusSettings, ModelFingerprint
 from twostage.server.runtime import load_model_set, thread_layout
 from twostage.server.service import TwoStageService
 from twostage.v1 import twostage_pb2 as pb
@@ -35,6 +37,8 @@ from twostage.v1 import twostage_pb2_grpc as pb_grpc
 
 log = logging.getLogger("twostage.app")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TwoStage"].full_name
+BACKEND_CHECK_INTERVAL_S = 1.0  # how often the health watcher probes a remote (Milvus) backend
+BACKEND_RETRY_MAX_S = 5.0  # longest wait between attempts to reach it at startup
 
 
 def server_version() -> str:
@@ -88,15 +92,24 @@ def build_info(config: Config, engine: Engine) -> pb.InfoResponse:
                                max_delay_ms=getattr(config, f"{prefix}_max_delay_ms"),
                                max_queued_tokens=getattr(config, f"{prefix}_max_queued_tokens"))
 
-    s = engine.index.settings
+    ix = engine.index
+    if isinstance(ix, MilvusIndex):
+        ms = ix.settings
+        index_info = pb.IndexInfo(size=ix.size, dimension=ix.dimension, metric=ms.metric, dtype="f32",
+                                  connectivity=ms.connectivity, expansion_add=ms.expansion_add,
+                                  expansion_search=ms.expansion_search, read_only=False, backend=ix.kind,
+                                  collection=ix.collection)
+    else:
+        s = ix.settings
+        index_info = pb.IndexInfo(size=ix.size, dimension=ix.dimension, metric=s.metric, dtype=s.dtype,
+                                  connectivity=s.connectivity, expansion_add=s.expansion_add,
+                                  expansion_search=s.expansion_search, read_only=s.view, backend="embedded")
     return pb.InfoResponse(
         server_version=server_version(),
         bi_encoder=model_info("bi-encoder", engine.embedder),
         cross_encoder=model_info("cross-encoder", engine.reranker),
         embed_batching=batching("embed"), rerank_batching=batching("rerank"),
-        index=pb.IndexInfo(size=engine.index.size, dimension=engine.index.dimension, metric=s.metric, dtype=s.dtype,
-                           connectivity=s.connectivity, expansion_add=s.expansion_add,
-                           expansion_search=s.expansion_search, read_only=s.view),
+        index=index_info,
         limits=pb.Limits(max_query_bytes=config.max_query_bytes, max_metadata_bytes=config.max_metadata_bytes,
                          max_filter_keys=config.max_filter_keys, max_text_bytes=config.max_text_bytes,
                          max_id_bytes=config.max_id_bytes, max_rerank_documents=config.max_rerank_documents,
@@ -111,7 +124,11 @@ def build_info(config: Config, engine: Engine) -> pb.InfoResponse:
 def load_engine(config: Config, metrics: Metrics | None) -> Engine:
     """Blocking: verify and load both models, open the index, make the batchers (not yet started)."""
     embedder, reranker = load_model_set(Path(config.models), config)
-    index = DocumentIndex.open(Path(config.index), embedder.dimension, IndexSettings.from_config(config))
+    index: DocumentIndex | MilvusIndex
+    if config.milvus_uri:  # connected by start_server's loader, which waits for Milvus
+        index = MilvusIndex(MilvusSettings.from_config(config), ModelFingerprint.of(embedder))
+    else:
+        index = DocumentIndex.open(Path(config.index), embedder.dimension, IndexSettings.from_config(config))
 
     # One pool of workers for both models, sized with the sessions' intra-op threads to the cores.
     workers, _ = thread_layout(config)
@@ -154,6 +171,7 @@ class RunningServer:
     metrics: Metrics
     _loading: asyncio.Task | None = None
     _saver: asyncio.Task | None = None
+    _watcher: asyncio.Task | None = None
     _stopped: bool = False
 
     @property
@@ -183,8 +201,9 @@ class RunningServer:
         end = time.monotonic() + grace
         while self.service.active > 0 and time.monotonic() < end:
             await asyncio.sleep(0.05)
-        if self._saver is not None:
-            self._saver.cancel()
+        for task in (self._saver, self._watcher):
+            if task is not None:
+                task.cancel()
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
         await self.server.stop(max(0.0, end - time.monotonic()))
@@ -239,6 +258,13 @@ async def start_server(config: Config) -> RunningServer:
     async def load() -> None:
         t0 = time.perf_counter()
         engine = await asyncio.to_thread(load_engine, config, metrics)
+        if isinstance(engine.index, MilvusIndex):
+            try:
+                await _connect_backend(engine.index)
+            except BaseException:
+                await asyncio.to_thread(engine.index.close)
+                engine.pool.shutdown()
+                raise
         engine.embed_batcher.start()
         engine.rerank_batcher.start()
         service.engine = engine
@@ -247,10 +273,53 @@ async def start_server(config: Config) -> RunningServer:
             await health_servicer.set(name, health_pb2.HealthCheckResponse.SERVING)
         log.info("serving", extra={"load_s": round(time.perf_counter() - t0, 2), "index_size": engine.index.size,
                                    "bi_encoder": engine.embedder.name, "cross_encoder": engine.reranker.name})
-        rs._saver = asyncio.create_task(_save_periodically(engine, config.index_save_interval_s))
+        if isinstance(engine.index, MilvusIndex):
+            rs._watcher = asyncio.create_task(_watch_backend(engine.index, health_servicer, metrics))
+        else:
+            rs._saver = asyncio.create_task(_save_periodically(engine, config.index_save_interval_s))
 
     rs._loading = asyncio.create_task(load())
     return rs
+
+
+async def _connect_backend(index: MilvusIndex) -> None:
+    """Reach Milvus, retrying while it is unreachable (health stays NOT_SERVING meanwhile); a collection
+    made for another model fails startup."""
+    delay = 0.25
+    while True:
+        try:
+            await asyncio.to_thread(index.connect)
+            return
+        except Unavailable as exc:
+            log.warning("waiting for Milvus: %s", exc, extra={"retry_in_s": delay})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKEND_RETRY_MAX_S)
+
+
+async def _watch_backend(index: MilvusIndex, health_servicer: health.aio.HealthServicer, metrics: Metrics) -> None:
+    """Health follows Milvus: NOT_SERVING while it cannot be reached (or the collection behind the name is
+    gone or made for another model), SERVING again once `index.check` passes (it reloads a collection that
+    a Milvus restart released)."""
+    serving = True
+    while True:
+        await asyncio.sleep(BACKEND_CHECK_INTERVAL_S)
+        try:
+            await asyncio.to_thread(index.check)
+            problem = ""
+        except Exception as exc:  # noqa: BLE001 - any failure of the probe means: not serving
+            problem = str(exc) or type(exc).__name__
+        if serving == (not problem):
+            if not problem:
+                metrics.index_size.set(index.size)
+            continue
+        serving = not problem
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        for name in ("", SERVICE_NAME):
+            await health_servicer.set(name, status)
+        if serving:
+            log.info("Milvus reachable again: serving", extra={"index_size": index.size})
+        else:
+            log.error("Milvus backend not usable: not serving until it is (%s)", problem, extra={"error": problem})
 
 
 async def _save_periodically(engine: Engine, interval_s: float) -> None:

@@ -376,7 +376,7 @@ class Engine:
 
     # ---------------------------------------------------------------- writes
     def _check_writable(self) -> None:
-        if self.index.settings.view:
+        if self.index.read_only:
             raise FailedPrecondition("the index is memory-mapped read-only (index_view=true); writes are refused")
 
     async def upsert(self, documents: Sequence[DocumentInput], *, deadline: float | None = None) -> WriteOutcome:
