@@ -234,7 +234,8 @@ def add_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None 
         help_text = f"{f.metadata['help']} (default: {default!r}; env {env})"
         flags = (flag, *f.metadata["aliases"])
         if isinstance(default, bool):
-            parser.add_argument(*flags, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
+            parser.add_argument(*flags, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                                help=help_text)
         elif isinstance(default, list):
             parser.add_argument(*flags, dest=f.name, default=None, type=lambda s: [p for p in s.split(",") if p],
                                 help=help_text + " comma-separated")

@@ -419,8 +419,12 @@ class MilvusIndex:
             self._refresh_count()
 
     def _new_client(self) -> "MilvusClient":
-        from pymilvus import MilvusClient
-        from pymilvus.exceptions import ConnectionConfigException
+        try:
+            from pymilvus import MilvusClient
+            from pymilvus.exceptions import ConnectionConfigException
+        except ImportError as exc:
+            raise FailedPrecondition(f"the Milvus backend needs pymilvus ({exc}): pip install 'twostage[milvus]' "
+                                     f"(and milvus-lite for a local .db)") from None
 
         logging.getLogger("pymilvus").setLevel(logging.CRITICAL)  # it logs a traceback per failed call
         uri = self.settings.uri
@@ -699,7 +703,8 @@ class MilvusIndex:
         query = np.asarray(q, dtype=np.float32)
         try:
             while batch := self._call("scanning", iterator.next):
-                rows = [r for r in batch if isinstance(r.get("metadata"), dict) and metadata_matches(r["metadata"], flt)]
+                rows = [r for r in batch
+                        if isinstance(r.get("metadata"), dict) and metadata_matches(r["metadata"], flt)]
                 if rows:
                     ids += [str(r["id"]) for r in rows]
                     scores.append(self._exact_scores(query, np.asarray([r["vector"] for r in rows], dtype=np.float32)))
