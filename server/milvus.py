@@ -401,7 +401,11 @@ class MilvusIndex:
              properties: Mapping[str, str] | None = None) -> "MilvusIndex":
         """Connect, creating the collection when it does not exist (with extra `properties`)."""
         index = cls(settings, fingerprint)
-        index.connect(create=True, properties=properties)
+        try:
+            index.connect(create=True, properties=properties)
+        except BaseException:
+            index.close()
+            raise
         return index
 
     def connect(self, *, create: bool = True, properties: Mapping[str, str] | None = None) -> None:
