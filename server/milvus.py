@@ -649,7 +649,8 @@ class MilvusIndex:
 
     def lexical_search(self, text: str, k: int, *, filter: dict | None = None) -> Candidates:
         """The k best documents for `text` by BM25 over "title. text" (Milvus's own BM25 Function).
-        Scores are BM25 scores, positive, higher is better."""
+        Scores are BM25 scores, positive, higher is better. Only documents holding a query term are
+        candidates, so `exhausted` here means: fewer than k documents both match the filter and hold a term."""
         if not isinstance(text, str):
             raise InvalidArgument("query", "must be a string")
         k = _check_k(k)
