@@ -445,7 +445,7 @@ def _free_port() -> int:
 
 
 class LiteServer:
-    """`milvus-lite server` as a subprocess on a loopback port."""
+    """`milvus-lite server` (as `python -m milvus_lite server`) in a subprocess on a loopback port."""
 
     def __init__(self, data_dir: Path, port: int):
         self.data_dir, self.port = data_dir, port
@@ -456,9 +456,9 @@ class LiteServer:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        exe = Path(sys.executable).with_name("milvus-lite")
-        self.proc = subprocess.Popen([str(exe), "server", "--data-dir", str(self.data_dir), "--host", "127.0.0.1",
-                                      "--port", str(self.port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        command = [sys.executable, "-m", "milvus_lite", "server", "--data-dir", str(self.data_dir),
+                   "--host", "127.0.0.1", "--port", str(self.port)]
+        self.proc = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline:
             with socket.socket() as s:
