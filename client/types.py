@@ -191,6 +191,8 @@ class IndexInfo:
     expansion_add: int = 0
     expansion_search: int = 0
     read_only: bool = False
+    backend: str = ""  # "embedded" (usearch + SQLite) or "milvus"
+    collection: str = ""  # the Milvus collection (milvus backend only)
 
 
 @dataclass(frozen=True)

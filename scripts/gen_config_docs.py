@@ -27,7 +27,9 @@ def render() -> str:
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         choices = f.metadata.get("choices")
         meaning = f.metadata["help"] + (f" (one of {', '.join(choices)})" if choices else "")
-        lines.append(f"| `{f.name}` | `--{f.name.replace('_', '-')}` | `{ENV_PREFIX}{f.name.upper()}` | `{default!r}` | {meaning.replace('|', '/')} |")
+        flags = ", ".join(f"`{x}`" for x in (f"--{f.name.replace('_', '-')}", *f.metadata["aliases"])) \
+            if f.metadata["flag"] else "(none)"
+        lines.append(f"| `{f.name}` | {flags} | `{ENV_PREFIX}{f.name.upper()}` | `{default!r}` | {meaning.replace('|', '/')} |")
     return "\n".join(lines) + "\n"
 
 

@@ -26,10 +26,12 @@ from twostage.model.model_set import open_model_set
 from twostage.model.onnx_model import OnnxModel
 from twostage.server.config import Config
 from twostage.server.engine import Engine
+from twostage.server.errors import Unavailable
 from twostage.server.index.backend import Snapshotting
 from twostage.server.index.embedded import DocumentIndex
 from twostage.server.index.settings import IndexSettings
 from twostage.server.metrics import Metrics
+from twostage.server.index.milvus import MilvusIndex, MilvusSettings, ModelFingerprint
 from twostage.server.roles import BatchLimits, EmbeddingRole, RerankRole, inference_pool, session_settings
 from twostage.server.service import TwoStageService
 from twostage.v1 import twostage_pb2 as pb
@@ -37,6 +39,8 @@ from twostage.v1 import twostage_pb2_grpc as pb_grpc
 
 log = logging.getLogger("twostage.app")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TwoStage"].full_name
+BACKEND_CHECK_INTERVAL_S = 1.0  # how often the health watcher probes a remote (Milvus) backend
+BACKEND_RETRY_MAX_S = 5.0  # longest wait between attempts to reach it at startup
 
 
 def server_version() -> str:
@@ -90,7 +94,7 @@ def build_info(config: Config, engine: Engine) -> pb.InfoResponse:
                                max_delay_ms=getattr(config, f"{prefix}_max_delay_ms"),
                                max_queued_tokens=getattr(config, f"{prefix}_max_queued_tokens"))
 
-    index = engine.index.describe()  # the embedded backend's settings; absent keys read as 0 / ""
+    index = engine.index.describe()  # backend settings; absent keys read as 0 / ""
     return pb.InfoResponse(
         server_version=server_version(),
         bi_encoder=model_info("bi-encoder", engine.embedder.model),
@@ -99,7 +103,8 @@ def build_info(config: Config, engine: Engine) -> pb.InfoResponse:
         index=pb.IndexInfo(size=engine.index.size, dimension=engine.index.dimension, metric=index.get("metric", ""),
                            dtype=index.get("dtype", ""), connectivity=int(index.get("connectivity", 0)),
                            expansion_add=int(index.get("expansion_add", 0)),
-                           expansion_search=int(index.get("expansion_search", 0)), read_only=engine.index.read_only),
+                           expansion_search=int(index.get("expansion_search", 0)), read_only=engine.index.read_only,
+                           backend=engine.index.kind, collection=index.get("collection", "")),
         limits=pb.Limits(max_query_bytes=config.max_query_bytes, max_metadata_bytes=config.max_metadata_bytes,
                          max_filter_keys=config.max_filter_keys, max_text_bytes=config.max_text_bytes,
                          max_id_bytes=config.max_id_bytes, max_rerank_documents=config.max_rerank_documents,
@@ -113,9 +118,14 @@ def build_info(config: Config, engine: Engine) -> pb.InfoResponse:
 
 def load_engine(config: Config, metrics: Metrics | None) -> Engine:
     """Blocking: verify and load both models, open the index, make the roles (not yet started: `engine.start()`
-    on the serving loop; `await engine.close()` stops everything made here)."""
+    on the serving loop; `await engine.close()` stops everything made here). A Milvus backend is only made here;
+    start_server's loader connects it, waiting for Milvus."""
     embedder, reranker = open_model_set(Path(config.models), session_settings(config))
-    index = DocumentIndex.open(Path(config.index), embedder.dimension, IndexSettings.from_config(config))
+    index: DocumentIndex | MilvusIndex
+    if config.milvus_uri:
+        index = MilvusIndex(MilvusSettings.from_config(config), ModelFingerprint.of(embedder))
+    else:
+        index = DocumentIndex.open(Path(config.index), embedder.dimension, IndexSettings.from_config(config))
     # One pool of workers for both models, sized with the sessions' intra-op threads to the cores.
     pool = inference_pool(config)
     return Engine(config, EmbeddingRole(embedder, pool, BatchLimits.from_config(config, "embed"), metrics),
@@ -144,6 +154,7 @@ class RunningServer:
     metrics: Metrics
     _loading: asyncio.Task | None = None
     _saver: asyncio.Task | None = None
+    _watcher: asyncio.Task | None = None
     _stopped: bool = False
 
     @property
@@ -173,8 +184,9 @@ class RunningServer:
         end = time.monotonic() + grace
         while self.service.active > 0 and time.monotonic() < end:
             await asyncio.sleep(0.05)
-        if self._saver is not None:
-            self._saver.cancel()
+        for task in (self._saver, self._watcher):
+            if task is not None:
+                task.cancel()
         if self._loading is not None and not self._loading.done():
             self._loading.cancel()
         await self.server.stop(max(0.0, end - time.monotonic()))
@@ -226,6 +238,13 @@ async def start_server(config: Config) -> RunningServer:
     async def load() -> None:
         t0 = time.perf_counter()
         engine = await asyncio.to_thread(load_engine, config, metrics)
+        if isinstance(engine.index, MilvusIndex):
+            try:
+                await _connect_backend(engine.index)
+            except BaseException:
+                await asyncio.to_thread(engine.index.close)
+                engine.pool.shutdown()
+                raise
         engine.start()
         service.engine = engine
         metrics.index_size.set(engine.index.size)
@@ -234,10 +253,54 @@ async def start_server(config: Config) -> RunningServer:
         log.info("serving", extra={"load_s": round(time.perf_counter() - t0, 2), "index_size": engine.index.size,
                                    "bi_encoder": engine.embedder.model.name,
                                    "cross_encoder": engine.reranker.model.name})
-        rs._saver = asyncio.create_task(_save_periodically(engine, config.index_save_interval_s))
+        if isinstance(engine.index, MilvusIndex):
+            rs._watcher = asyncio.create_task(_watch_backend(engine.index, health_servicer, metrics))
+        else:
+            rs._saver = asyncio.create_task(_save_periodically(engine, config.index_save_interval_s))
 
     rs._loading = asyncio.create_task(load())
     return rs
+
+
+async def _connect_backend(index: MilvusIndex) -> None:
+    """Reach Milvus, retrying while it is unreachable (health stays NOT_SERVING meanwhile); a collection
+    made for another model fails startup."""
+    delay = 0.25
+    while True:
+        try:
+            await asyncio.to_thread(index.connect)
+            return
+        except Unavailable as exc:
+            log.warning("waiting for Milvus: %s", exc, extra={"retry_in_s": delay})
+            await asyncio.sleep(delay)
+            delay = min(delay * 2, BACKEND_RETRY_MAX_S)
+
+
+async def _watch_backend(index: MilvusIndex, health_servicer: health.aio.HealthServicer, metrics: Metrics) -> None:
+    """Health follows Milvus: NOT_SERVING while it cannot be reached (or the collection behind the name is
+    gone or made for another model), SERVING again once `index.check` passes (it reloads a collection that
+    a Milvus restart released)."""
+    serving = True
+    while True:
+        await asyncio.sleep(BACKEND_CHECK_INTERVAL_S)
+        try:
+            await asyncio.to_thread(index.check)
+            problem = ""
+        except Exception as exc:  # noqa: BLE001 - any failure of the probe means: not serving
+            problem = str(exc) or type(exc).__name__
+        if serving == (not problem):
+            if not problem:
+                metrics.index_size.set(index.size)
+            continue
+        serving = not problem
+        status = health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        # Only the service's own status (readiness): the process itself ("", liveness) is fine, and restarting it
+        # would not bring Milvus back (docs/deploy.md: probes).
+        await health_servicer.set(SERVICE_NAME, status)
+        if serving:
+            log.info("Milvus reachable again: serving", extra={"index_size": index.size})
+        else:
+            log.error("Milvus backend not usable: not serving until it is (%s)", problem, extra={"error": problem})
 
 
 async def _save_periodically(engine: Engine, interval_s: float) -> None:

@@ -14,7 +14,8 @@ from twostage.server.config import Config
 
 INDEX_KNOBS = ("models", "index", "index_metric", "index_dtype", "index_connectivity", "index_expansion_add",
                "index_expansion_search", "intra_op_threads", "execution_provider", "embed_max_batch_tokens",
-               "embed_max_batch_size", "embed_max_delay_ms", "log_level", "log_format")
+               "embed_max_batch_size", "embed_max_delay_ms", "log_level", "log_format",
+               "milvus_uri", "milvus_collection", "milvus_timeout_s")
 
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
@@ -38,8 +39,9 @@ def run_serve(args: argparse.Namespace) -> int:
 
 def add_index_build_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = ("Embed a BEIR-style corpus (jsonl with _id, title, text, optional metadata) with the "
-                          "exported bi-encoder and build the usearch index + document store. The build is atomic: "
-                          "a crash leaves the previous index intact.")
+                          "exported bi-encoder and build the usearch index + document store (--index DIR), or a Milvus "
+                          "collection (--milvus-uri URI --collection NAME). The build is atomic: a crash leaves the "
+                          "previous index intact.")
     parser.add_argument("--corpus", required=True, type=Path, help="corpus file (.jsonl)")
     parser.add_argument("--batch-size", type=int, default=256, help="texts handed to the batcher at a time (default: 256)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: show it)")
@@ -99,9 +101,16 @@ def run_index_build(args: argparse.Namespace) -> int:
         return 2
     embedder = BackgroundEmbedder(config)
     try:
-        report = build_index(args.corpus, Path(config.index), embedder.embed, embedder.dimension,
-                             IndexSettings.from_config(config), batch_size=args.batch_size,
-                             progress=not args.no_progress, embed_fingerprint=embedder.model.sha256)
+        if config.milvus_uri:
+            from twostage.server.index.milvus import MilvusSettings, ModelFingerprint, build_collection
+
+            report = build_collection(args.corpus, MilvusSettings.from_config(config),
+                                      ModelFingerprint.of(embedder.model), embedder.embed,
+                                      batch_size=args.batch_size, progress=not args.no_progress)
+        else:
+            report = build_index(args.corpus, Path(config.index), embedder.embed, embedder.dimension,
+                                 IndexSettings.from_config(config), batch_size=args.batch_size,
+                                 progress=not args.no_progress, embed_fingerprint=embedder.model.sha256)
     except (CorpusError, TwoStageError) as exc:
         print(f"twostage index build: {exc}", file=sys.stderr)
         return 2

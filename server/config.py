@@ -13,6 +13,7 @@ import argparse
 import dataclasses
 import json
 import os
+import re
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -20,8 +21,11 @@ from typing import Any
 ENV_PREFIX = "TWOSTAGE_"
 
 
-def knob(default: Any, help: str, *, choices: tuple | None = None) -> Any:
-    meta = {"help": help, "choices": choices}
+def knob(default: Any, help: str, *, choices: tuple | None = None, aliases: tuple[str, ...] = (),
+         flag: bool = True) -> Any:
+    """A config field. `aliases`: extra flag spellings; `flag=False`: no flag (secrets: a flag would show
+    in the process list), only file and environment."""
+    meta = {"help": help, "choices": choices, "aliases": aliases, "flag": flag}
     if isinstance(default, list):
         return field(default_factory=lambda: list(default), metadata=meta)
     return field(default=default, metadata=meta)
@@ -32,6 +36,10 @@ class Config:
     # -- where things are
     models: str = knob("./models", "model set directory made by `twostage export` (holds bi-encoder/ and cross-encoder/)")
     index: str = knob("./index", "index directory (usearch HNSW + SQLite document store); created if missing")
+    milvus_uri: str = knob("", "keep stage 1 in Milvus instead of the index directory: http(s)://host:port, or a local path ending in .db for the embedded milvus-lite (empty = the index directory; not together with `index`)")
+    milvus_collection: str = knob("twostage", "Milvus collection (or alias) holding the documents; created if missing", aliases=("--collection",))
+    milvus_token: str = knob("", "Milvus token (user:password or an API key); from the environment or the config file only, never logged", flag=False)
+    milvus_timeout_s: float = knob(10.0, "seconds one Milvus call may take; past it the request fails with UNAVAILABLE")
     # -- network
     host: str = knob("127.0.0.1", "address to listen on (0.0.0.0 or [::] for all interfaces)")
     port: int = knob(50051, "gRPC port (0 = pick a free port and log it)")
@@ -110,6 +118,9 @@ class Config:
         cfg = cls()
         for name, raw in values.items():
             setattr(cfg, name, _coerce(cls, name, raw))
+        if "index" in values and cfg.milvus_uri:
+            raise ValueError("invalid configuration: give either index (the embedded backend) or milvus_uri "
+                             "(Milvus), not both")
         cfg.validate()
         return cfg
 
@@ -128,6 +139,7 @@ class Config:
             problems.append("tls_cert and tls_key must be given together")
         if self.tls_client_ca and not self.tls_cert:
             problems.append("tls_client_ca needs tls_cert and tls_key")
+        problems += _milvus_problems(self)
         if problems:
             raise ValueError("invalid configuration: " + "; ".join(problems))
 
@@ -136,7 +148,33 @@ class Config:
         if redact:
             for k in ("read_api_keys", "write_api_keys"):
                 d[k] = [f"<{len(d[k])} keys>"] if d[k] else []
+            d["milvus_token"] = "<set>" if d["milvus_token"] else ""
         return d
+
+
+_COLLECTION_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,200}")
+
+
+def _milvus_problems(cfg: Config) -> list[str]:
+    """milvus_uri is empty, http(s)://host:port or a path ending in .db; the collection name is one Milvus
+    accepts (letters, digits, underscores, not starting with a digit)."""
+    problems = []
+    uri = cfg.milvus_uri
+    if uri:
+        scheme, sep, rest = uri.partition("://")
+        if sep:
+            hostport = rest.rsplit("@", 1)[-1].rstrip("/")
+            host, colon, port = hostport.rpartition(":")
+            if scheme not in ("http", "https") or not colon or not host or not port.isdigit() or "/" in hostport:
+                problems.append(f"milvus_uri={uri!r} must be http(s)://host:port or a local path ending in .db")
+        elif not uri.endswith(".db"):
+            problems.append(f"milvus_uri={uri!r} must be http(s)://host:port or a local path ending in .db")
+    if not _COLLECTION_NAME.fullmatch(cfg.milvus_collection):
+        problems.append(f"milvus_collection={cfg.milvus_collection!r} must be letters, digits and underscores, "
+                        f"not starting with a digit, at most 201 characters")
+    if cfg.milvus_timeout_s <= 0:
+        problems.append(f"milvus_timeout_s must be > 0 (got {cfg.milvus_timeout_s})")
+    return problems
 
 
 def _read_file(path: Path) -> dict[str, Any]:
@@ -188,17 +226,19 @@ def add_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None 
     """Add a flag for every knob (or those in `only`), with its default and env variable in the help."""
     parser.add_argument("--config", default=None, help="config file (TOML or JSON); see docs/configuration.md")
     for f in fields(Config):
-        if only is not None and f.name not in only:
+        if (only is not None and f.name not in only) or not f.metadata["flag"]:
             continue
         default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
         flag = "--" + f.name.replace("_", "-")
         env = ENV_PREFIX + f.name.upper()
         help_text = f"{f.metadata['help']} (default: {default!r}; env {env})"
+        flags = (flag, *f.metadata["aliases"])
         if isinstance(default, bool):
-            parser.add_argument(flag, dest=f.name, default=None, action=argparse.BooleanOptionalAction, help=help_text)
+            parser.add_argument(*flags, dest=f.name, default=None, action=argparse.BooleanOptionalAction,
+                                help=help_text)
         elif isinstance(default, list):
-            parser.add_argument(flag, dest=f.name, default=None, type=lambda s: [p for p in s.split(",") if p],
+            parser.add_argument(*flags, dest=f.name, default=None, type=lambda s: [p for p in s.split(",") if p],
                                 help=help_text + " comma-separated")
         else:
-            parser.add_argument(flag, dest=f.name, default=None, type=type(default),
+            parser.add_argument(*flags, dest=f.name, default=None, type=type(default),
                                 choices=f.metadata.get("choices"), help=help_text)

@@ -9,6 +9,7 @@ Small random unit vectors, no models.
 """
 from __future__ import annotations
 
+import importlib.util
 import random
 import threading
 from collections.abc import Callable
@@ -43,9 +44,25 @@ class EmbeddedFactory:
         return DocumentIndex.open(self.directory, DIM, IndexSettings(metric="cos"))
 
 
+@dataclass
+class MilvusFactory:
+    """milvus-lite through pymilvus (an embedded Milvus server on a local `.db` path)."""
+
+    path: Path
+    kind: str = "milvus"
+
+    def open(self) -> IndexBackend:
+        from twostage.server.index.milvus import MilvusIndex, MilvusSettings, ModelFingerprint
+
+        settings = MilvusSettings(uri=str(self.path), collection="contract", metric="cos")
+        return MilvusIndex.open(settings, ModelFingerprint("contract-model", "e" * 64, DIM))
+
+
 FACTORIES: dict[str, Callable[[Path], BackendFactory]] = {
     "embedded": lambda tmp: EmbeddedFactory(tmp / "index"),
 }
+if all(importlib.util.find_spec(m) for m in ("pymilvus", "milvus_lite")):
+    FACTORIES["milvus"] = lambda tmp: MilvusFactory(tmp / "milvus.db")
 
 
 @pytest.fixture(params=sorted(FACTORIES))

@@ -299,7 +299,7 @@ class BatchingInfo(_message.Message):
     def __init__(self, enabled: _Optional[bool] = ..., max_batch_tokens: _Optional[int] = ..., max_batch_size: _Optional[int] = ..., max_delay_ms: _Optional[float] = ..., max_queued_tokens: _Optional[int] = ...) -> None: ...
 
 class IndexInfo(_message.Message):
-    __slots__ = ("size", "dimension", "metric", "dtype", "connectivity", "expansion_add", "expansion_search", "read_only")
+    __slots__ = ("size", "dimension", "metric", "dtype", "connectivity", "expansion_add", "expansion_search", "read_only", "backend", "collection")
     SIZE_FIELD_NUMBER: _ClassVar[int]
     DIMENSION_FIELD_NUMBER: _ClassVar[int]
     METRIC_FIELD_NUMBER: _ClassVar[int]
@@ -308,6 +308,8 @@ class IndexInfo(_message.Message):
     EXPANSION_ADD_FIELD_NUMBER: _ClassVar[int]
     EXPANSION_SEARCH_FIELD_NUMBER: _ClassVar[int]
     READ_ONLY_FIELD_NUMBER: _ClassVar[int]
+    BACKEND_FIELD_NUMBER: _ClassVar[int]
+    COLLECTION_FIELD_NUMBER: _ClassVar[int]
     size: int
     dimension: int
     metric: str
@@ -316,7 +318,9 @@ class IndexInfo(_message.Message):
     expansion_add: int
     expansion_search: int
     read_only: bool
-    def __init__(self, size: _Optional[int] = ..., dimension: _Optional[int] = ..., metric: _Optional[str] = ..., dtype: _Optional[str] = ..., connectivity: _Optional[int] = ..., expansion_add: _Optional[int] = ..., expansion_search: _Optional[int] = ..., read_only: _Optional[bool] = ...) -> None: ...
+    backend: str
+    collection: str
+    def __init__(self, size: _Optional[int] = ..., dimension: _Optional[int] = ..., metric: _Optional[str] = ..., dtype: _Optional[str] = ..., connectivity: _Optional[int] = ..., expansion_add: _Optional[int] = ..., expansion_search: _Optional[int] = ..., read_only: _Optional[bool] = ..., backend: _Optional[str] = ..., collection: _Optional[str] = ...) -> None: ...
 
 class Limits(_message.Message):
     __slots__ = ("max_query_bytes", "max_text_bytes", "max_id_bytes", "max_rerank_documents", "max_embed_texts", "max_upsert_documents", "max_top_k", "max_candidates", "max_message_bytes", "max_concurrent_rpcs", "max_metadata_bytes", "max_filter_keys")
