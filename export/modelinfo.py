@@ -1,5 +1,6 @@
 """Read what the served model needs from a checkpoint's configuration files: pooling and normalization
-(sentence-transformers config), max_length, and cross-encoder labels. Also copies tokenizer files.
+(sentence-transformers config), the query prefix, max_length, and cross-encoder labels. Also copies tokenizer
+files.
 
 Pure standard library except `ensure_fast_tokenizer`, which imports transformers only when a checkpoint
 ships no tokenizer.json.
@@ -28,6 +29,11 @@ _FALLBACK_MAX_LENGTH = 512
 _POSITIVE_LABEL_NAMES = {"relevant", "label_1", "entailment", "positive", "yes", "true", "match"}
 # sentence-transformers modules the served graph + postprocess reproduce.
 _ST_SUPPORTED = ("Transformer", "Pooling", "Normalize")
+# Query instructions a model's authors recommend for short-query retrieval, by hub id, for models whose files do
+# not carry one (config_sentence_transformers.json "prompts"). BAAI/bge-small-en-v1.5: its model card
+# (https://huggingface.co/BAAI/bge-small-en-v1.5, the instruction table under "Usage") gives this prefix for
+# queries searching passages; passages get none.
+KNOWN_QUERY_PREFIXES = {"BAAI/bge-small-en-v1.5": "Represent this sentence for searching relevant passages: "}
 
 
 def read_json(path: Path) -> dict[str, Any] | None:
@@ -107,6 +113,52 @@ def read_pooling(model_dir: Path) -> PoolingInfo:
     if cfg is None:
         raise ExportError(f"{cfg_path}: missing (modules.json lists a Pooling module there)")
     return PoolingInfo(pooling_from_config(cfg, cfg_path), normalize, str(modules_path))
+
+
+def given_pooling(read: PoolingInfo, pooling: str | None, normalize: bool | None) -> tuple[PoolingInfo, list[str]]:
+    """Apply --pooling / --normalize to what the model's files say: a given value wins. Returns the result and a
+    warning for each given value that contradicts the files (none when the files said nothing, origin
+    "default")."""
+    warnings = []
+    given = []
+    if pooling is not None:
+        if pooling not in POOLING_MODES:
+            raise ExportError(f"--pooling {pooling!r}: not one of {list(POOLING_MODES)}")
+        if read.origin != "default" and pooling != read.pooling:
+            warnings.append(f"--pooling {pooling} overrides pooling {read.pooling} stated by {read.origin}")
+        given.append(f"--pooling {pooling}")
+    if normalize is not None:
+        if read.origin != "default" and normalize != read.normalize:
+            warnings.append(f"--{'' if normalize else 'no-'}normalize overrides normalize {read.normalize} stated "
+                            f"by {read.origin}")
+        given.append("--normalize" if normalize else "--no-normalize")
+    if not given:
+        return read, warnings
+    if len(given) == 1:
+        given.append(f"{'normalize' if pooling is not None else 'pooling'} from {read.origin}")
+    result = PoolingInfo(read.pooling if pooling is None else pooling,
+                         read.normalize if normalize is None else normalize, "; ".join(given))
+    return result, warnings
+
+
+@dataclass(frozen=True)
+class QueryPrefix:
+    text: str  # prepended to each query before embedding; "" for none
+    origin: str  # the file or record it came from, or "none"
+
+
+def read_query_prefix(model_dir: Path, name: str) -> QueryPrefix:
+    """The query prefix of a bi-encoder: sentence-transformers' `prompts["query"]` in
+    config_sentence_transformers.json, else the model authors' recommendation for a known model (by hub id),
+    else none."""
+    path = Path(model_dir) / "config_sentence_transformers.json"
+    config = read_json(path)
+    prompts = config.get("prompts") if isinstance(config, dict) else None
+    if isinstance(prompts, dict) and isinstance(prompts.get("query"), str):
+        return QueryPrefix(prompts["query"], f"{path} prompts.query")
+    if name in KNOWN_QUERY_PREFIXES:
+        return QueryPrefix(KNOWN_QUERY_PREFIXES[name], f"model card of {name}")
+    return QueryPrefix("", "none")
 
 
 def position_limit(hf_config: dict[str, Any] | None) -> int | None:

@@ -192,16 +192,39 @@ def to_opset(src: Path, dst: Path, version: int) -> str | None:
     from onnx import version_converter
 
     model = onnx.load(str(src))
-    if next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0) >= version:
+    current = next((o.version for o in model.opset_import if o.domain in ("", "ai.onnx")), 0)
+    if current >= version:
         shutil.copyfile(src, dst)
         return None
+    ranked = with_softmax_ranks(model) if current < 13 else None
     try:
-        converted = version_converter.convert_version(model, version)
+        converted = version_converter.convert_version(ranked or model, version)
+        if ranked is not None:
+            del converted.graph.value_info[:]  # only there for the converter; ONNX Runtime infers its own
         onnx.checker.check_model(converted)
     except Exception as exc:
         return f"{exc.__class__.__name__}: {str(exc)[:200]}"
     onnx.save(converted, str(dst))
     return None
+
+
+def with_softmax_ranks(model: Any) -> Any | None:
+    """The model with inferred shapes, when it has Softmax nodes (None otherwise, or when inference fails).
+
+    Below opset 13 Softmax flattens its input to 2-D at `axis`; the version converter keeps that meaning by
+    wrapping each Softmax in Flatten/Reshape unless it knows the input's rank and sees that `axis` is the last
+    one. Such a wrapped Softmax hides the attention pattern from the fusions (the packaged opset-11
+    bge-small-en-v1.5 lost all 12 attention fusions), and ONNX's own shape inference does not get the rank
+    through the Shape/Concat/Reshape chains of these exports; ONNX Runtime's symbolic shape inference does."""
+    if not any(node.op_type in ("Softmax", "LogSoftmax", "Hardmax") for node in model.graph.node):
+        return None
+    from onnxruntime.tools.symbolic_shape_infer import SymbolicShapeInference
+
+    try:
+        with quiet_libraries(), contextlib.redirect_stdout(io.StringIO()):
+            return SymbolicShapeInference.infer_shapes(model, auto_merge=True)
+    except Exception:  # the plain conversion still works, only without the rank
+        return None
 
 
 def optimize_fp32(src: Path, dst: Path, work: Path, model_type: str | None) -> dict[str, Any]:

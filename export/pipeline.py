@@ -34,14 +34,17 @@ from . import gate as gates
 from .cpu import detect_target, target_settings
 from .errors import ExportError, GateFailed
 from .manifest import write_manifest
-from .modelinfo import (TOKENIZER_FILES, choose_positive_label, copy_tokenizer_files, ensure_fast_tokenizer,
-                        label_names, read_json, read_max_length, read_pooling)
+from .modelinfo import (TOKENIZER_FILES, PoolingInfo, choose_positive_label, copy_tokenizer_files,
+                        ensure_fast_tokenizer, given_pooling, label_names, read_json, read_max_length, read_pooling,
+                        read_query_prefix)
 from .sources import Source
 
 # Bump when the steps change in a way that should rebuild existing model directories.
-EXPORTER_VERSION = 5  # 3: the gate's sessions leave out DISABLED_OPTIMIZERS, as the server does;
+EXPORTER_VERSION = 6  # 3: the gate's sessions leave out DISABLED_OPTIMIZERS, as the server does;
                       # 4: first-token readouts compute only the first token past the last attention;
-                      # 5: the gate runs its models through the model layer (the server's tokenization, sessions)
+                      # 5: the gate runs its models through the model layer (the server's tokenization, sessions);
+                      # 6: sources below opset 13 keep their attention fusions (onnx_ops.with_softmax_ranks);
+                      # bi-encoder manifests record query_prefix
 TOOL_PACKAGES = ("twostage", "onnxruntime", "onnx", "optimum", "optimum-onnx", "transformers", "torch",
                  "tokenizers", "huggingface_hub", "numpy")
 MODEL_FILE, FP32_FILE, TOKENIZER_FILE = "model.onnx", "model_fp32.onnx", "tokenizer.json"
@@ -60,6 +63,10 @@ class ExportOptions:
     calibration: Path | None = None  # None: the built-in set
     keep_fp32_on_gate_failure: bool = False
     force: bool = False
+    # Bi-encoder facts given on the command line; None: read from the model's files (a given value wins).
+    pooling: str | None = None
+    normalize: bool | None = None
+    query_prefix: str | None = None
 
     def resolved_target(self) -> str:
         return detect_target() if self.target == "auto" else target_settings(self.target).name
@@ -75,6 +82,8 @@ class ModelFacts:
     pooling_origin: str | None = None
     labels: list[str] | None = None  # None until known (an ONNX source without config.json)
     model_type: str | None = None
+    query_prefix: str | None = None  # bi-encoder: prepended to queries (not documents); "" for none
+    query_prefix_origin: str | None = None
 
 
 @dataclass(frozen=True)
@@ -127,9 +136,11 @@ def read_facts(source: Source) -> ModelFacts:
         if previous.get("role") != source.role:
             raise ExportError(f"{source.path / MANIFEST_NAME}: a {previous.get('role')} directory cannot be "
                               f"exported as the {source.role}")
+        prefix = previous.get("query_prefix") if source.role == "bi-encoder" else None
         return ModelFacts(previous["max_length"], previous.get("pooling"), bool(previous.get("normalize")),
                           f"{source.path / MANIFEST_NAME}", previous.get("labels"),
-                          (previous.get("facts") or {}).get("model_type"))
+                          (previous.get("facts") or {}).get("model_type"), prefix or "",
+                          f"{source.path / MANIFEST_NAME}" if prefix else "none")
     hf_config = read_json(source.path / "config.json")
     if hf_config is not None and not isinstance(hf_config, dict):
         raise ExportError(f"{source.path / 'config.json'}: expected a JSON object")
@@ -137,7 +148,11 @@ def read_facts(source: Source) -> ModelFacts:
     model_type = (hf_config or {}).get("model_type")
     if source.role == "bi-encoder":
         info = read_pooling(source.path)
-        return ModelFacts(max_length, info.pooling, info.normalize, info.origin, None, model_type)
+        if info.origin == "default" and source.pooling is not None:  # no sentence-transformers files
+            info = source.pooling
+        prefix = read_query_prefix(source.path, source.name)
+        return ModelFacts(max_length, info.pooling, info.normalize, info.origin, None, model_type, prefix.text,
+                          prefix.origin)
     labels = None
     if hf_config and (hf_config.get("id2label") or hf_config.get("num_labels")):
         count = len(hf_config.get("id2label") or {}) or int(hf_config["num_labels"])
@@ -145,10 +160,26 @@ def read_facts(source: Source) -> ModelFacts:
     return ModelFacts(max_length, None, False, None, labels, model_type)
 
 
+def given_facts(facts: ModelFacts, options: ExportOptions, role: str) -> tuple[ModelFacts, list[str]]:
+    """Bi-encoder facts with --pooling / --normalize / --query-prefix applied (a given value wins). Returns the
+    facts and a warning for each given value that contradicts what the model's files say."""
+    if role != "bi-encoder":
+        return facts, []
+    read = PoolingInfo(facts.pooling or "mean", facts.normalize, facts.pooling_origin or "default")
+    info, warnings = given_pooling(read, options.pooling, options.normalize)
+    facts = replace(facts, pooling=info.pooling, normalize=info.normalize, pooling_origin=info.origin)
+    if options.query_prefix is not None:
+        if facts.query_prefix and options.query_prefix != facts.query_prefix:
+            warnings.append(f"--query-prefix {options.query_prefix!r} overrides {facts.query_prefix!r} from "
+                            f"{facts.query_prefix_origin}")
+        facts = replace(facts, query_prefix=options.query_prefix, query_prefix_origin="--query-prefix")
+    return facts, warnings
+
+
 def source_files_digest(source: Source) -> dict[str, str]:
     """sha256 of the small files that shape the export besides the weights (tokenizer, configs)."""
     names = list(TOKENIZER_FILES) + ["config.json", "modules.json", "sentence_bert_config.json",
-                                     "1_Pooling/config.json", MANIFEST_NAME]
+                                     "1_Pooling/config.json", "config_sentence_transformers.json", MANIFEST_NAME]
     return {name: sha256_file(source.path / name) for name in names if (source.path / name).is_file()}
 
 
@@ -234,7 +265,9 @@ def export_model(source: Source, out_dir: Path, options: ExportOptions,
     out_dir.mkdir(parents=True, exist_ok=True)
     target_dir = out_dir / role
     cal = calibration if calibration is not None else gates.load_calibration(options.calibration)
-    facts = read_facts(source)
+    facts, warnings = given_facts(read_facts(source), options, role)
+    for warning in warnings:
+        progress.say(f"warning: {warning}")
     target = options.resolved_target()
     inputs = fingerprint_inputs(source, facts, options, target, cal.sha256)
     wanted = fingerprint(inputs)
@@ -460,6 +493,8 @@ def build(source: Source, facts: ModelFacts, staging: Path, work: Path, options:
         "pooling": facts.pooling if role == "bi-encoder" else None,
         "normalize": facts.normalize if role == "bi-encoder" else False,
         "pooling_origin": facts.pooling_origin,
+        "query_prefix": facts.query_prefix if role == "bi-encoder" else None,
+        "query_prefix_origin": facts.query_prefix_origin if role == "bi-encoder" else None,
         "labels": labels, "positive_label": positive if role == "cross-encoder" else None,
         "quantization": quantization, "optimization": optimization, "opset": served_info.opset,
         "onnxruntime_version": onnxruntime.__version__, "tool_versions": tool_versions(),

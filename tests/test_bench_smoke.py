@@ -273,3 +273,14 @@ def test_memory_bench(tiny):
     assert server["with_documents"]["documents"] == 200 and server["with_documents"]["index_directory_bytes"] > 0
     est = data["estimate_at_n"]["dtypes"]["f32"]
     assert est["server_rss_bytes"] > server["empty_index"]["rss_after_requests"]
+
+
+def test_bi_encoders_bench(tiny):
+    bi = str(tiny["models"] / "bi-encoder")
+    data = run_bench("bi_encoders", tiny, "--model", f"first={bi}", "--model", f"second={bi}")
+    assert set(data["query_latency_ms"]) == {"first", "second"}  # no query_prefix: no "+prefix" contender
+    assert all(v["n"] == 5 and len(v["raw"]) == 5 and v["p50"] > 0 for v in data["query_latency_ms"].values())
+    assert set(data["document_throughput"]) == {f"first@{MAX_POSITIONS}", f"second@{MAX_POSITIONS}"}
+    assert all(v["documents"] == 16 and v["docs_per_s"] > 0 and v["real_tokens"] > 16
+               for v in data["document_throughput"].values())
+    assert data["models"]["first"]["public_ndcg_at_10"] is None  # the tiny model has no public figures
