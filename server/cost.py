@@ -16,8 +16,11 @@ every batch has the same size (which leaves the split between the fixed and the 
 the split stays near the seed's while the prediction at the sizes run follows the measurements. Both
 coefficients are kept non-negative.
 
-Spread: a weighted mean square of the relative error of each prediction made before its batch ran (each error
-clipped at 100 %, the seed counting as one observation of 50 %). `upper` adds ``MARGIN_DEVIATIONS`` spreads to
+Spread: the root mean square relative error of each prediction made before its batch ran, each error clipped at
+100 % and weighted by the batch's predicted seconds as well as by age (the seed counts as one batch of
+``token_scale`` tokens predicted 50 % off). Weighting by duration measures the error per second of work, which is
+what a deadline pays for; unweighted, the scheduling jitter of tiny batches (a large share of their time, a
+negligible share of a budget) would inflate every margin. `upper` adds ``MARGIN_DEVIATIONS`` spreads to
 the prediction; decisions that must not be late (deadlines, budgets) use it, predictions of waiting use
 `predict`.
 """
@@ -49,8 +52,9 @@ class CostModel:
         # Weighted sums of the measurements (u = padded tokens / token_scale, y = seconds): w, w*u, w*u^2, w*y, w*u*y.
         self._sums = [0.0, 0.0, 0.0, 0.0, 0.0]
         self._prior = prior_weight          # the seed's current weight (fades with the measurements)
-        self._error_sq = SEED_SPREAD ** 2   # weighted sum of squared relative errors, seed included
-        self._error_weight = 1.0
+        seed_seconds = max(fixed_s + per_token_s * token_scale, 1e-6)
+        self._error_sq = SEED_SPREAD ** 2 * seed_seconds   # duration-weighted sum of squared relative errors
+        self._error_weight = seed_seconds
         self.batches = 0
         self.fixed_s = fixed_s
         self.per_token_s = per_token_s
@@ -88,8 +92,8 @@ class CostModel:
         predicted = self.predict(padded_tokens)
         if predicted > 0:
             error = min(abs(seconds / predicted - 1.0), MAX_ERROR)
-            self._error_sq = self.decay * self._error_sq + error * error
-            self._error_weight = self.decay * self._error_weight + 1.0
+            self._error_sq = self.decay * self._error_sq + predicted * error * error
+            self._error_weight = self.decay * self._error_weight + predicted
         seconds = min(seconds, MAX_RATIO * predicted) if predicted > 0 else seconds
         u = padded_tokens / self.token_scale
         for k, value in enumerate((1.0, u, u * u, seconds, u * seconds)):

@@ -57,12 +57,20 @@ class RecordingMetrics:
     def __init__(self):
         self.batches: list[tuple] = []
         self.queues: list[tuple] = []
+        self.costs: list[tuple] = []
+        self.dropped: list[tuple] = []
 
     def observe_batch(self, model, items, real_tokens, padded_tokens, seconds):
         self.batches.append((model, items, real_tokens, padded_tokens, seconds))
 
     def observe_queue(self, model, seconds):
         self.queues.append((model, seconds))
+
+    def observe_cost(self, model, fixed_s, per_token_s, spread):
+        self.costs.append((model, fixed_s, per_token_s, spread))
+
+    def observe_dropped(self, model, items):
+        self.dropped.append((model, items))
 
 
 def make(model, **overrides) -> Batcher:
@@ -444,3 +452,350 @@ def test_work_arriving_while_every_worker_is_busy_joins_the_next_batch():
     run(scenario())
     pool.shutdown()
     assert model.batches == [[1], [2, 3, 4]]
+
+
+# ---------------------------------------------------------------------------------------------------------
+# Latency budgets, the cost model, priorities and fail-fast prediction, on a fake model of known cost.
+
+from twostage.server.batcher import Priority  # noqa: E402
+from twostage.server.cost import CostModel  # noqa: E402
+from twostage.server.tokenization import padded_tokens  # noqa: E402
+
+LATE_S = 0.005   # "within a few ms": a budgeted submit returns at most this long after its deadline
+
+
+class SleepingModel:
+    """run_batch of a model of known cost: sleeps fixed_s + per_token_s x padded tokens (either may be changed
+    mid-test); rows = (marker, length); records each batch's markers, start and end (time.monotonic)."""
+
+    def __init__(self, fixed_s: float = 0.001, per_token_s: float = 0.00005):
+        self.fixed_s = fixed_s
+        self.per_token_s = per_token_s
+        self.lock = threading.Lock()
+        self.runs: list[tuple[list[int], float, float]] = []
+
+    def __call__(self, batch: list[Encoded]) -> np.ndarray:
+        started = time.monotonic()
+        time.sleep(self.fixed_s + self.per_token_s * padded_tokens(batch))
+        with self.lock:
+            self.runs.append(([int(e.ids[0]) for e in batch], started, time.monotonic()))
+        return np.array([[int(e.ids[0]), len(e)] for e in batch], dtype=np.float32)
+
+    def seen(self) -> set[int]:
+        with self.lock:
+            return {m for markers, _, _ in self.runs for m in markers}
+
+
+def budget_batcher(model, pool, **overrides) -> Batcher:
+    knobs = dict(max_batch_tokens=256, max_batch_size=16, max_delay_ms=0.0, max_queued_tokens=1_000_000,
+                 pool=pool)
+    knobs.update(overrides)
+    return Batcher("cross-encoder", model, **knobs)
+
+
+async def warm_up(batcher: Batcher, batches: int = 40, base: int = 900_000) -> None:
+    """Unbudgeted batches of assorted sizes (8 to 256 padded tokens), so that the cost model has measured the
+    fake model's fixed and per-token cost apart."""
+    rng = random.Random(base)
+    for b in range(batches):
+        await batcher.submit([item(base + 100 * b + i, rng.randint(8, 64)) for i in range(rng.randint(1, 4))])
+
+
+class LoopLag:
+    """Measures how late the event loop itself runs a timer (a loaded machine deschedules the process), so that
+    "returned within a few ms of the deadline" is asserted of the batcher, not of the operating system."""
+
+    def __init__(self):
+        self.worst = 0.0
+        self._task: asyncio.Task | None = None
+
+    async def _probe(self):
+        while True:
+            asked = time.monotonic()
+            await asyncio.sleep(0.001)
+            self.worst = max(self.worst, time.monotonic() - asked - 0.001)
+
+    def __enter__(self):
+        self._task = asyncio.get_running_loop().create_task(self._probe())
+        return self
+
+    def __exit__(self, *exc):
+        self._task.cancel()
+
+    @property
+    def allowed(self) -> float:
+        return LATE_S + self.worst
+
+
+def candidates(base: int, count: int, seed: int) -> list[Encoded]:
+    rng = random.Random(seed)
+    return [item(base + i, rng.randint(20, 60)) for i in range(count)]
+
+
+async def budgeted_request(batcher: Batcher, items: list[Encoded], budget_s: float):
+    """What a budgeted caller does: plan the affordable stage-1 prefix, submit it at once, await what is done.
+    Returns (planned count, result, seconds late)."""
+    deadline = time.monotonic() + budget_s
+    n = batcher.plan_prefix([len(e) for e in items], deadline=deadline)
+    result = await batcher.submit(items[:n], deadline=deadline, budgeted=True)
+    return n, result, time.monotonic() - deadline
+
+
+def check_partial(items: list[Encoded], n: int, result) -> None:
+    """Rows of completed items are the model's; the others are NaN; only planned items were submitted."""
+    assert len(result.outputs) == n and len(result.completed) == n
+    done = np.flatnonzero(result.completed)
+    if len(done):
+        assert result.outputs[done, 0].tolist() == [int(items[i].ids[0]) for i in done]
+    assert np.isnan(result.outputs[~result.completed]).all()
+    assert result.partial == (len(done) < n)
+
+
+@pytest.mark.parametrize("budget_ms", [20, 50, 100, 200])
+def test_budget_is_met_by_one_request_with_what_fits(budget_ms):
+    model = SleepingModel()
+    pool = InferencePool(2)
+    items = candidates(1, 120, seed=budget_ms)        # ~4,800 tokens: ~140 ms of work on two workers
+
+    async def scenario():
+        batcher = budget_batcher(model, pool)
+        batcher.start()
+        await warm_up(batcher)
+        with LoopLag() as lag:
+            outcome = await budgeted_request(batcher, items, budget_ms / 1000)
+        await batcher.stop()
+        return outcome, lag.allowed
+
+    (n, result, late), allowed = run(scenario())
+    pool.shutdown()
+    assert late <= allowed
+    check_partial(items, n, result)
+    done = int(result.completed.sum())
+    assert done >= 0.5 * n and done >= 1               # the plan was close: most of it ran (a stalled batch
+                                                       # on a loaded machine can cost the rest of the budget)
+    if budget_ms >= 50:
+        assert done >= 10
+    if budget_ms == 200:
+        assert n >= 100 and done >= 100                 # nearly everything fits
+    else:
+        assert n < 120
+    if budget_ms == 20:
+        assert result.partial or n < 40
+
+
+def test_budgets_are_met_by_eight_concurrent_requests():
+    model = SleepingModel()
+    pool = InferencePool(2)
+    budgets = [0.02, 0.05, 0.1, 0.2] * 2
+    requests = [candidates(1000 * (r + 1), 120, seed=r) for r in range(len(budgets))]
+
+    async def scenario():
+        batcher = budget_batcher(model, pool)
+        batcher.start()
+        await warm_up(batcher)
+        model.runs.clear()
+        with LoopLag() as lag:
+            outcomes = await asyncio.gather(*(budgeted_request(batcher, items, budget)
+                                              for items, budget in zip(requests, budgets)))
+        await batcher.stop()
+        return outcomes, lag.allowed
+
+    outcomes, allowed = run(scenario())
+    pool.shutdown()
+    for items, (n, result, late) in zip(requests, outcomes):
+        assert late <= allowed
+        check_partial(items, n, result)
+    done = [int(result.completed.sum()) for _, result, _ in outcomes]
+    # Plans made at once against each other's queued work: some are overtaken by tighter deadlines and return
+    # less or nothing, but the workers stay busy (~4.5 items per 13 ms batch, 2 workers, 200 ms: up to ~130
+    # items, fewer on a loaded machine) and the loosest budgets get work done.
+    assert sum(done) >= 50
+    assert done[3] + done[7] > 0
+    # no batch of budgeted work ran past the earliest deadline of its items (all were submitted together)
+    deadline_of = {}
+    start = min(s for _, s, _ in model.runs)
+    for items, budget in zip(requests, budgets):
+        deadline_of.update({int(e.ids[0]): budget for e in items})
+    for markers, _, ended in model.runs:
+        assert ended - start <= min(deadline_of[m] for m in markers) + LATE_S
+
+
+def test_budgeted_work_that_cannot_finish_is_never_started():
+    model = SleepingModel()
+    pool = InferencePool(2)
+    items = candidates(1, 120, seed=7)
+
+    async def scenario():
+        batcher = budget_batcher(model, pool)
+        batcher.start()
+        await warm_up(batcher)
+        model.runs.clear()
+        with LoopLag() as lag:
+            deadline = time.monotonic() + 0.05
+            result = await batcher.submit(items, deadline=deadline, budgeted=True)   # no planning: all 120
+            late = time.monotonic() - deadline
+        await asyncio.sleep(0.05)                        # anything still running would be recorded by now
+        await batcher.stop()
+        return result, late, lag.allowed
+
+    result, late, allowed = run(scenario())
+    pool.shutdown()
+    assert late <= allowed
+    check_partial(items, len(items), result)
+    assert result.partial and result.stats.dropped > 0
+    seen = model.seen()
+    assert {int(items[i].ids[0]) for i in np.flatnonzero(result.completed)} <= seen
+    assert len(seen) == len(items) - result.stats.dropped   # dropped work never reached the model
+
+
+def test_budgeted_work_queued_past_its_deadline_is_dropped_and_returns_at_the_deadline():
+    model = RecordingModel(gated=True)
+    metrics = RecordingMetrics()
+
+    async def scenario():
+        batcher = make(model, max_batch_size=1, metrics=metrics)
+        batcher.start()
+        blocker = asyncio.create_task(batcher.submit([item(1, 4)]))
+        await wait_until(model.started.is_set)          # the only worker is held by the blocker
+        with LoopLag() as lag:
+            deadline = time.monotonic() + 0.05
+            budgeted = await batcher.submit([item(2, 4), item(3, 4)], deadline=deadline, budgeted=True)
+            late = time.monotonic() - deadline
+        gate_was_shut = not model.gate.is_set()
+        already_over = await batcher.submit([item(4, 4)], deadline=time.monotonic() - 1, budgeted=True)
+        model.gate.set()
+        await blocker
+        await batcher.stop()
+        return budgeted, late - lag.worst, gate_was_shut, already_over
+
+    budgeted, late, gate_was_shut, already_over = run(scenario())
+    assert gate_was_shut and late <= LATE_S             # returned at the deadline, not when the worker freed
+    assert budgeted.partial and not budgeted.completed.any() and budgeted.stats.dropped == 2
+    assert np.isnan(budgeted.outputs).all() and len(budgeted.outputs) == 2
+    assert already_over.partial and already_over.stats.dropped == 1    # degraded, not DeadlineExceeded
+    assert model.seen() == {1}
+    assert sum(n for _, n in metrics.dropped) == 3
+
+
+def test_a_budgeted_request_returns_at_its_deadline_even_while_its_batch_still_runs():
+    model = RecordingModel(gated=True)
+
+    async def scenario():
+        batcher = make(model, cost=CostModel(0.0001, 0.00001))   # predicts a fast model: the batch is started
+        batcher.start()
+        with LoopLag() as lag:
+            deadline = time.monotonic() + 0.05
+            result = await batcher.submit([item(1, 4), item(2, 4)], deadline=deadline, budgeted=True)
+            late = time.monotonic() - deadline
+        model.gate.set()
+        await batcher.stop(drain_timeout=5)
+        return result, late - lag.worst
+
+    result, late = run(scenario())
+    assert late <= LATE_S
+    assert not result.completed.any() and result.stats.dropped == 0    # started, too slow: not dropped
+    assert model.seen() == {1, 2}
+
+
+def test_budgeted_submit_needs_a_deadline():
+    async def scenario():
+        batcher = make(RecordingModel())
+        batcher.start()
+        with pytest.raises(ValueError, match="deadline"):
+            await batcher.submit([item(1, 4)], budgeted=True)
+        await batcher.stop()
+
+    run(scenario())
+
+
+def test_cost_estimate_follows_a_model_that_slows_down_and_budgets_still_hold():
+    model = SleepingModel(fixed_s=0.001, per_token_s=0.00004)
+    pool = InferencePool(2)
+    metrics = RecordingMetrics()
+
+    async def scenario():
+        batcher = budget_batcher(model, pool, metrics=metrics)
+        batcher.start()
+        await warm_up(batcher)
+        before = batcher.cost.predict(256)
+        model.per_token_s = 0.0001                        # the machine slows down 2.4x per token
+        slowed = 0.001 + 0.0001 * 256
+        outcomes = []
+        with LoopLag() as lag:
+            for r in range(12):                           # budgeted traffic goes on meanwhile
+                outcomes.append(await budgeted_request(batcher, candidates(10_000 * (r + 1), 60, seed=r), 0.06))
+                await batcher.submit([item(50_000 + 100 * r + i, 40) for i in range(30)])
+        after = batcher.cost.predict(256)
+        await batcher.stop()
+        return before, after, slowed, outcomes, lag.allowed
+
+    before, after, slowed, outcomes, allowed = run(scenario())
+    pool.shutdown()
+    assert before == pytest.approx(0.001 + 0.00004 * 256, rel=0.25)
+    assert after == pytest.approx(slowed, rel=0.2)
+    for n, result, late in outcomes:
+        assert late <= allowed                            # before the estimate caught up, too
+    assert outcomes[-1][1].completed.sum() >= 5          # and after, the plan still scores what fits
+    model_name, fixed_s, per_token_s, spread = metrics.costs[-1]   # the gauges follow the estimate
+    assert model_name == "cross-encoder" and fixed_s + 256 * per_token_s == pytest.approx(after)
+
+
+def test_predict_wait_counts_running_batches_and_work_that_goes_first():
+    model = RecordingModel(gated=True)
+
+    async def scenario():
+        cost = CostModel(0.01, 0.001, token_scale=256)
+        batcher = make(model, max_batch_size=32, max_batch_tokens=10_000, max_delay_ms=0.0, cost=cost)
+        batcher.start()
+        blocker = asyncio.create_task(batcher.submit([item(1, 10)]))   # predicted 20 ms on the only worker
+        await wait_until(model.started.is_set)
+        ahead = asyncio.create_task(batcher.submit([item(2 + i, 50) for i in range(4)]))   # 200 tokens: 210 ms
+        await wait_until(lambda: batcher.pending_requests == 1)
+        blocker_left = batcher.pool.free_in(time.monotonic())[0]   # of its predicted 20 ms
+        behind = batcher.predict_wait([120, 120])         # larger than the queued request: waits for it
+        small = batcher.predict_wait([5])                 # shortest first: goes before it
+        model.gate.set()
+        await asyncio.gather(blocker, ahead)
+        await batcher.stop()
+        return blocker_left, behind, small
+
+    blocker_left, behind, small = run(scenario())
+    assert 0 <= blocker_left <= 0.020
+    assert behind == pytest.approx(blocker_left + 0.210 + 0.250, abs=0.002)
+    assert small == pytest.approx(blocker_left + 0.015, abs=0.002)
+
+
+def test_predict_wait_refuses_a_flood_early():
+    """The fail-fast use: once the queue ahead is longer than a deadline, predict_wait says so at submit."""
+    model = SleepingModel(fixed_s=0.001, per_token_s=0.0001)
+    pool = InferencePool(2)
+
+    async def scenario():
+        batcher = budget_batcher(model, pool)
+        batcher.start()
+        await warm_up(batcher)
+        refused = accepted = 0
+        outcomes = []
+        t0 = time.monotonic()
+
+        async def caller(r):
+            nonlocal refused, accepted
+            items = [item(100_000 + 100 * r + i, 50) for i in range(20)]   # 1,000 tokens: ~52 ms on two workers
+            deadline = time.monotonic() + 0.3
+            if batcher.predict_wait([50] * 20) > deadline - time.monotonic():
+                refused += 1
+                outcomes.append(("refused", time.monotonic() - t0))
+                return
+            accepted += 1
+            await batcher.submit(items, deadline=deadline)
+            outcomes.append(("done", time.monotonic() - t0))
+
+        await asyncio.gather(*(caller(r) for r in range(30)))
+        await batcher.stop()
+        return refused, accepted, outcomes
+
+    refused, accepted, outcomes = run(scenario())
+    pool.shutdown()
+    assert 3 <= accepted <= 8 and refused == 30 - accepted   # about 0.3 s / 52 ms fit
+    assert all(t < 0.05 for what, t in outcomes if what == "refused")   # at once, not at the deadline
+    assert len([w for w, _ in outcomes if w == "done"]) == accepted     # no accepted one missed its deadline

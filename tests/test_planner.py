@@ -15,6 +15,9 @@ class FakeCost:
     def upper(self, padded_tokens: float) -> float:
         return 1.5 * self.predict(padded_tokens)
 
+    def tokens_within(self, seconds: float, *, safe: bool = False) -> int:
+        return max(0, int(round((seconds / (1.5 if safe else 1.0) - 0.001) / 0.0001, 9)))
+
 
 LIMITS = dict(max_batch_size=2, max_batch_tokens=1000)
 
@@ -41,7 +44,9 @@ def test_finish_is_list_scheduling_behind_the_work_ahead():
     # 8 items of 10 tokens in batches of 2: four batches of 20 padded tokens, 3 ms each predicted.
     lengths = [10] * 8
     assert finish_in(lengths, cost=FakeCost(), free_in=[0, 0], ahead_s=0, safe=False, **LIMITS) == pytest.approx(0.006)
-    assert finish_in(lengths, cost=FakeCost(), free_in=[0, 0], ahead_s=0, safe=True, **LIMITS) == pytest.approx(0.009)
+    # safe: each worker's two margins of 1.5 ms add in quadrature
+    assert finish_in(lengths, cost=FakeCost(), free_in=[0, 0], ahead_s=0, safe=True,
+                     **LIMITS) == pytest.approx(0.006 + 0.0015 * 2 ** 0.5)
     assert finish_in(lengths, cost=FakeCost(), free_in=[0], ahead_s=0, safe=False, **LIMITS) == pytest.approx(0.012)
     # 4 ms of queued work ahead takes 2 ms of each worker first
     assert finish_in(lengths, cost=FakeCost(), free_in=[0, 0], ahead_s=0.004, safe=False,
@@ -54,19 +59,22 @@ def test_finish_is_list_scheduling_behind_the_work_ahead():
 
 def test_affordable_prefix_is_the_longest_prefix_that_fits():
     cost = FakeCost()
-    lengths = [10] * 8              # safe finish on 2 workers, n = 1..8: 3, 4.5, 4.5, 4.5, 7.5, 9, 9, 9 ms
+    lengths = [10] * 8              # safe finish on 2 workers, n = 1..8: 3, 4.5, 4.5, 4.5, 6.8, 8.12, 8.12, 8.12 ms
+                                    # (in batches of 2; less time left cuts them to 1)
     plan = dict(cost=cost, free_in=[0, 0], ahead_s=0.0, **LIMITS)
     assert affordable_prefix(lengths, time_left_s=1.0, **plan) == 8
     assert affordable_prefix(lengths, time_left_s=0.0, **plan) == 0
     assert affordable_prefix(lengths, time_left_s=0.0029, **plan) == 0  # one item alone: 2 ms x 1.5
-    assert affordable_prefix(lengths, time_left_s=0.004, **plan) == 1
+    assert affordable_prefix(lengths, time_left_s=0.004, **plan) == 2   # a pair would take 4.5: one per worker
     assert affordable_prefix(lengths, time_left_s=0.0046, **plan) == 4  # two batches of 2, one per worker
-    assert affordable_prefix(lengths, time_left_s=0.0089, **plan) == 5
+    assert affordable_prefix(lengths, time_left_s=0.0075, **plan) == 5
+    assert affordable_prefix(lengths, time_left_s=0.0082, **plan) == 8
     for time_left in (0.003, 0.005, 0.0075, 0.012):
         n = affordable_prefix(lengths, time_left_s=time_left, **plan)
-        assert finish_in(lengths[:n], safe=True, **plan) <= time_left
+        limit = max(1, cost.tokens_within(time_left, safe=True))
+        assert finish_in(lengths[:n], safe=True, token_limit=limit, **plan) <= time_left
         if n < len(lengths):
-            assert finish_in(lengths[:n + 1], safe=True, **plan) > time_left
+            assert finish_in(lengths[:n + 1], safe=True, token_limit=limit, **plan) > time_left
 
 
 def test_affordable_prefix_counts_work_ahead_busy_workers_and_long_candidates():
