@@ -34,6 +34,14 @@ items are taken longest first: consecutive batches hold items of similar length 
 batches are the shortest, so the workers finish a request's work at nearly the same time (shortest first left
 one worker running a long pair alone at the end: 100 MS MARCO pairs, paired median 3 % slower).
 
+A request served on time is never overdue: the clock advances with its own items. One whose tag the clock has
+passed (it waited for its turn behind others, like a big index build) would then run all its remaining items
+ahead of everything that arrives later; instead, each time some of its items are dispatched, the rest is
+re-tagged behind the clock by what it just got (``clock + tokens just dispatched``, about a batch). Later
+arrivals smaller than that interleave with it, so no one waits behind the rest of a long request for more than
+about one batch per worker, while the overdue request is served like one more client taking turns (fair
+queuing): a batch's worth after each request that was waiting with a smaller tag.
+
 A request's size is its tokens. A *budgeted* request (below) is placed by its deadline instead: with ``slack``
 the tokens the pool can run before the deadline (time left x the pool's token rate from the cost model), its
 size is ``(slack - tokens) / 2``, halfway from now to its latest start on the virtual clock (which, while the
@@ -54,15 +62,18 @@ urgency time::
 
     urgency = waiting since + WAIT_ALLOWANCE_S[priority]      (and at most its deadline, when budgeted)
 
-where "waiting since" is when that batcher began waiting for this worker. A query embedding therefore gets
-the next free worker ahead of rerank batches, a budgeted request whose deadline is near ahead of both, and no
-class starves: NORMAL work that has waited its allowance (100 ms) beats fresh INTERACTIVE work, BULK work
-after 1 s. Without a callback the pool serves waiters in arrival order.
+where "waiting since" is when that batcher began waiting for this worker (about when it was last given one).
+A query embedding therefore gets the next free worker ahead of rerank batches, a budgeted request whose
+deadline is near ahead of both, and no class starves: a batcher waiting with work of a lower class gets a
+worker at the latest once it has waited the difference of the allowances longer than the others, so under
+saturation by more urgent work NORMAL work gets a worker at least every 100 ms, BULK work every 150 ms
+against NORMAL and 250 ms against INTERACTIVE. Without a callback the pool serves waiters in arrival order.
 
 No head-of-line blocking: with ``free_worker_within_ms`` > 0 on the pool, a batch that does not start with
-INTERACTIVE work is cut to a predicted ``free_worker_within_ms`` whenever every other worker is busy past
-that bound, so some worker always frees within the bound for latency-critical work that arrives (the price:
-while the pool is saturated one worker runs short batches, each paying the model's fixed batch cost).
+INTERACTIVE work is cut to a predicted ``free_worker_within_ms`` whenever no other worker is predicted to
+free within that bound (a batch running past its predicted end counts as not freeing), so some worker always
+frees within the bound for latency-critical work that arrives (the price: while the pool is saturated one
+worker runs short batches, each paying the model's fixed batch cost).
 
 Budgeted requests (``submit(..., budgeted=True)``, which needs a deadline) degrade instead of failing: an item
 is started only in a batch predicted (cost model `upper`, the batch starting now on a free worker) to end by
@@ -108,7 +119,7 @@ class Priority(enum.IntEnum):
     BULK = 2          # index builds, upserts
 
 
-WAIT_ALLOWANCE_S = {Priority.INTERACTIVE: 0.0, Priority.NORMAL: 0.1, Priority.BULK: 1.0}
+WAIT_ALLOWANCE_S = {Priority.INTERACTIVE: 0.0, Priority.NORMAL: 0.1, Priority.BULK: 0.25}
 
 # From forming a batch to its rows reaching the caller, beyond the model's own time: the hand-off to the
 # worker thread and back to the event loop. Deadline checks add it to a batch's predicted duration.
@@ -231,11 +242,12 @@ class InferencePool:
 
     def batch_time_limit(self, worker: Worker, now: float) -> float | None:
         """Most seconds the batch about to run on `worker` should take so that some worker frees within
-        ``free_worker_within_ms``; None when another worker already will (or the bound is off)."""
+        ``free_worker_within_ms``; None when another worker already will (or the bound is off). A batch already
+        past its predicted end (or a worker granted and not yet given its batch) may run on: it does not count."""
         bound = self.free_worker_within_s
         if bound <= 0 or self._free > 0:
             return None
-        if any(w.busy_until <= now + bound for w in self._busy if w is not worker):
+        if any(now < w.busy_until <= now + bound for w in self._busy if w is not worker):
             return None
         return bound
 
@@ -411,12 +423,16 @@ class Batcher:
         return BatchResult(outputs, request.stats, request.completed.copy())
 
     def _enqueue(self, request: _Request) -> None:
+        self._insert(request)
+        self._queued_tokens += request.undispatched_tokens
+        self._wake.set()
+
+    def _insert(self, request: _Request) -> None:
+        """Put a request into the pending pool at its sort_key."""
         position = len(self._pending)
         while position > 0 and self._pending[position - 1].sort_key > request.sort_key:
             position -= 1
         self._pending.insert(position, request)
-        self._queued_tokens += request.undispatched_tokens
-        self._wake.set()
 
     def _remove(self, request: _Request) -> int:
         """Drop a request's undispatched items and free their tokens (idempotent); returns how many."""
@@ -452,12 +468,16 @@ class Batcher:
 
     # ------------------------------------------------------------------ predictions
     def _work_ahead_s(self, tag: int) -> float:
-        """Worker-seconds of the pending work that a new request with finish tag `tag` would queue behind."""
-        tokens = items = 0
+        """Worker-seconds of the pending work that a new request with finish tag `tag` would queue behind: of
+        each request with a smaller tag, what the clock lets run before `tag`, at most ``tag - clock`` tokens
+        (more of a long one would make it overdue, and it would then take turns)."""
+        window = max(0, tag - self._dispatched_tokens)
+        tokens = items = 0.0
         for request in self._pending:
-            if request.tag <= tag:
-                tokens += request.undispatched_tokens
-                items += request.undispatched_items
+            if request.tag <= tag and request.undispatched_tokens:
+                share = min(request.undispatched_tokens, window)
+                tokens += share
+                items += request.undispatched_items * share / request.undispatched_tokens
         if not tokens:
             return 0.0
         padded = tokens * self._padding
@@ -567,6 +587,12 @@ class Batcher:
                 self._pending.remove(request)
             batch.extend(request.items[i] for i in indices)
             owners.append((request, indices))
+        for request, indices in owners:
+            if request.has_pending and request.tag <= self._dispatched_tokens:
+                # Overdue (the clock passed its tag): its rest goes behind the clock by what it just got.
+                self._pending.remove(request)
+                request.tag = self._dispatched_tokens + sum(len(request.items[i]) for i in indices)
+                self._insert(request)
         return batch, owners
 
     def _urgency(self) -> float:
