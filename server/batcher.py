@@ -51,9 +51,10 @@ one budget arriving in turn are served in turn, so what each planned (`plan_pref
 ahead of it holds. Against unbudgeted work the halfway point leaves room to absorb a misestimate while still
 letting small requests that arrive meanwhile go first. It cannot starve anyone: its tag is still at least the
 clock at its submit, so a request with tag T can be overtaken only by later arrivals submitted before the
-clock reaches T, as for any small request today; a flood of budgeted work delays an index build by at most
-the build's own size in dispatched tokens. The price of that guarantee: once an older request's tag comes due
-it runs ahead of budgeted work that arrives later, which then degrades (returns less) until it is done.
+clock reaches T, as for any small request; a flood of budgeted work delays the start of an index build by at
+most the build's own size in dispatched tokens, after which the build takes turns with it (overdue, above).
+The price of that guarantee: while an older request is overdue, budgeted work that arrives shares the workers
+with it and degrades (returns less).
 
 Priority between batchers (one pool, several models). Each submit has a `Priority`: INTERACTIVE (a query
 embedding, work a caller waits on before anything else can proceed), NORMAL, or BULK (index builds, upserts).

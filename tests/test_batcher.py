@@ -1064,3 +1064,90 @@ def test_no_head_of_line_blocking_behind_long_batches(bound_ms):
     else:
         # priority alone: the next free worker is the query's, but both may be 39 ms into long batches
         assert max(waits) <= 0.039 + 0.002 + allowed
+
+
+def test_an_overdue_request_takes_turns_with_later_arrivals():
+    model = SleepingModel(fixed_s=0.004, per_token_s=0.0)       # every batch 4 ms
+    pool = InferencePool(1)
+    arrived: dict[str, float] = {}
+
+    async def scenario():
+        batcher = make(model, max_batch_size=4, max_delay_ms=0.0, pool=pool)
+        batcher.start()
+        blocker = asyncio.create_task(batcher.submit([item(1, 8)]))
+        await asyncio.sleep(0)
+        # ten small requests go before the long one, so the clock passes its tag before it starts
+        smalls = [asyncio.create_task(batcher.submit([item(100 + 4 * r + j, 8) for j in range(4)]))
+                  for r in range(10)]
+        long = asyncio.create_task(batcher.submit([item(10_000 + i, 8) for i in range(40)]))
+        await wait_until(lambda: any(m >= 10_000 for m in model.seen()))
+        arrived["late"] = time.monotonic()
+        late = [asyncio.create_task(batcher.submit([item(50_000 + 4 * r + j, 8) for j in range(4)]))
+                for r in range(2)]
+        await asyncio.gather(blocker, *smalls, long, *late)
+        await batcher.stop()
+
+    run(scenario())
+    pool.shutdown()
+    kinds = ["long" if m[0] >= 10_000 and m[0] < 50_000 else "late" if m[0] >= 50_000 else "small"
+             for m, _, _ in model.runs]
+    starts = [started for _, started, _ in model.runs]
+    first_late = kinds.index("late")
+    # After the late arrivals came, the long request's batch formed as they arrived (its thread may start just
+    # after) and one more (re-tagged to the same tag as theirs, and older) ran before theirs, not all of its
+    # remaining batches; it finished last.
+    long_between = [i for i, k in enumerate(kinds[:first_late]) if k == "long" and starts[i] > arrived["late"]]
+    assert len(long_between) <= 2
+    assert kinds[first_late + 1] in ("late", "long") and kinds.count("late") == 2
+    assert kinds.count("long") == 10 and kinds[-1] == "long"
+
+
+def test_pool_grants_by_urgency_and_passes_on_a_slot_granted_to_a_cancelled_waiter():
+    pool = InferencePool(1)
+    granted: list[str] = []
+
+    async def scenario():
+        held = await pool.acquire()
+
+        async def waiter(name, urgency):
+            worker = await pool.acquire(lambda: urgency)
+            granted.append(name)
+            pool.release(worker)
+
+        tasks = [asyncio.create_task(waiter(name, u)) for name, u in (("late", 3.0), ("early", 1.0), ("mid", 2.0))]
+        doomed = asyncio.create_task(pool.acquire(lambda: 0.0))  # the most urgent, then cancelled
+        await asyncio.sleep(0.01)
+        doomed.cancel()
+        pool.release(held)
+        await asyncio.gather(*tasks)
+        assert pool.free_in(time.monotonic()) == [0.0]     # every slot came back
+
+    run(scenario())
+    pool.shutdown()
+    assert granted == ["early", "mid", "late"]
+
+
+def test_batch_time_limit_keeps_a_worker_freeing_within_the_bound():
+    pool = InferencePool(2, free_worker_within_ms=10)
+
+    async def scenario():
+        now = time.monotonic()
+        first = await pool.acquire()
+        assert pool.batch_time_limit(first, now) is None     # the other worker is free
+        second = await pool.acquire()
+        first.busy_until = now + 0.005
+        assert pool.batch_time_limit(second, now) is None    # the first frees within 10 ms
+        first.busy_until = now + 0.050
+        assert pool.batch_time_limit(second, now) == pytest.approx(0.010)
+        first.busy_until = now - 0.001                       # overrunning its prediction: may run on
+        assert pool.batch_time_limit(second, now) == pytest.approx(0.010)
+        pool.release(first)
+        pool.release(second)
+        off = InferencePool(1)
+        only = await off.acquire()
+        assert off.batch_time_limit(only, now) is None       # bound off
+        off.release(only)
+        off.shutdown()
+
+    run(scenario())
+    pool.shutdown()
