@@ -635,12 +635,12 @@ def test_budgets_are_met_by_eight_concurrent_requests():
             outcomes = await asyncio.gather(*(budgeted_request(batcher, items, budget, deadline_of)
                                               for items, budget in zip(requests, budgets)))
         await batcher.stop()
-        return outcomes, lag.allowed
+        return outcomes, lag
 
-    outcomes, allowed = run(scenario())
+    outcomes, lag = run(scenario())
     pool.shutdown()
     for items, (n, result, late) in zip(requests, outcomes):
-        assert late <= allowed
+        assert late <= lag.allowed
         check_partial(items, n, result)
     done = [int(result.completed.sum()) for _, result, _ in outcomes]
     # Plans made at once against each other's queued work: some are overtaken by tighter deadlines and return
@@ -648,11 +648,13 @@ def test_budgets_are_met_by_eight_concurrent_requests():
     # items, fewer on a loaded machine) and the loosest budgets get work done.
     assert sum(done) >= 50
     assert done[3] + done[7] > 0
-    # no batch of budgeted work was started that could not end by the earliest deadline of its items at the
-    # model's speed (a batch the machine then stalls may still end late; its rows are not waited for)
-    for (markers, started, _), padded in zip(model.runs, model.padded):
-        cost = model.fixed_s + model.per_token_s * padded
-        assert started + cost <= min(deadline_of[m] for m in markers) + LATE_S   # thread start jitter
+    # No batch of budgeted work was started that could not end by the earliest deadline of its items at the
+    # model's speed. (On a machine that stalls threads, a batch formed in time may start late and end late:
+    # then its rows are not waited for, which the lateness check above covers.)
+    if lag.worst <= LATE_S and not model.overran(1.5):
+        for (markers, started, _), padded in zip(model.runs, model.padded):
+            cost = model.fixed_s + model.per_token_s * padded
+            assert started + cost <= min(deadline_of[m] for m in markers) + LATE_S   # thread start jitter
 
 
 def test_budgeted_work_that_cannot_finish_is_never_started():
@@ -1151,3 +1153,29 @@ def test_batch_time_limit_keeps_a_worker_freeing_within_the_bound():
 
     run(scenario())
     pool.shutdown()
+
+
+def test_prometheus_gauges_follow_the_cost_estimate_and_count_dropped_items():
+    from twostage.server.metrics import Metrics
+
+    metrics = Metrics()
+    model = SleepingModel(fixed_s=0.001, per_token_s=0.00005)
+
+    async def scenario():
+        batcher = budget_batcher(model, None, metrics=metrics, max_batch_size=2)
+        batcher.start()
+        await warm_up(batcher, batches=10)
+        # 20 ms of work budgeted 10 ms on one worker: most of it is dropped
+        await batcher.submit([item(i, 200) for i in range(1, 3)], deadline=time.monotonic() + 0.010, budgeted=True)
+        await batcher.stop()
+        return batcher.cost
+
+    cost = run(scenario())
+    sample = metrics.registry.get_sample_value
+    labels = {"model": "cross-encoder"}
+    assert sample("twostage_batch_cost_fixed_seconds", labels) == pytest.approx(cost.fixed_s)
+    assert sample("twostage_batch_cost_per_token_seconds", labels) == pytest.approx(cost.per_token_s)
+    assert sample("twostage_batch_cost_relative_error", labels) == pytest.approx(cost.spread)
+    assert sample("twostage_deadline_dropped_items_total", labels) >= 1
+    metrics.observe_budget_limited("Search")
+    assert sample("twostage_budget_limited_requests_total", {"method": "Search"}) == 1
