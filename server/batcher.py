@@ -107,8 +107,8 @@ from typing import Callable, Protocol, Sequence
 import numpy as np
 
 from twostage.server.cost import CostModel
-from twostage.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from twostage.server.planner import affordable_prefix, batch_fits, finish_in
+from twostage.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from twostage.server.tokenization import Encoded, padded_tokens
 
 

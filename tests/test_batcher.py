@@ -13,7 +13,8 @@ import time
 import numpy as np
 import pytest
 
-from twostage.server.batcher import Batcher, InferencePool
+from twostage.server.batcher import Batcher, InferencePool, Priority
+from twostage.server.cost import CostModel
 from twostage.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from twostage.server.tokenization import Encoded
 
@@ -458,10 +459,6 @@ def test_work_arriving_while_every_worker_is_busy_joins_the_next_batch():
 # ---------------------------------------------------------------------------------------------------------
 # Latency budgets, the cost model, priorities and fail-fast prediction, on a fake model of known cost.
 
-from twostage.server.batcher import Priority  # noqa: E402
-from twostage.server.cost import CostModel  # noqa: E402
-from twostage.server.tokenization import padded_tokens  # noqa: E402
-
 LATE_S = 0.005   # "within a few ms": a budgeted submit returns at most this long after its deadline
 
 
@@ -479,11 +476,12 @@ class SleepingModel:
 
     def __call__(self, batch: list[Encoded]) -> np.ndarray:
         started = time.monotonic()
-        time.sleep(self.fixed_s + self.per_token_s * padded_tokens(batch))
+        padded = len(batch) * max(len(e) for e in batch)
+        time.sleep(self.fixed_s + self.per_token_s * padded)
         with self.lock:
             self.runs.append(([int(e.ids[0]) for e in batch], started, time.monotonic()))
             self.tokens.append(sum(len(e) for e in batch))
-            self.padded.append(padded_tokens(batch))
+            self.padded.append(padded)
         return np.array([[int(e.ids[0]), len(e)] for e in batch], dtype=np.float32)
 
     def seen(self) -> set[int]:
@@ -779,7 +777,7 @@ def test_cost_estimate_follows_a_model_that_slows_down_and_budgets_still_hold():
     for n, result, late in outcomes:
         assert late <= allowed                            # before the estimate caught up, too
     assert outcomes[-1][1].completed.sum() >= 5          # and after, the plan still scores what fits
-    model_name, fixed_s, per_token_s, spread = metrics.costs[-1]   # the gauges follow the estimate
+    model_name, fixed_s, per_token_s, _ = metrics.costs[-1]   # the gauges follow the estimate
     assert model_name == "cross-encoder" and fixed_s + 256 * per_token_s == pytest.approx(after)
 
 
@@ -919,7 +917,7 @@ def test_budgeted_unbudgeted_and_bulk_work_in_one_batcher_none_starved():
         async def budgeted(base):
             k = 0
             while going():
-                n, result, late = await budgeted_request(batcher, candidates(base + 100 * k, 16, seed=k), 0.1)
+                _, result, late = await budgeted_request(batcher, candidates(base + 100 * k, 16, seed=k), 0.1)
                 finished["budgeted"].append(time.monotonic())
                 budgeted_done.append(int(result.completed.sum()))
                 lateness.append(late)
@@ -997,7 +995,7 @@ def test_interactive_work_and_an_index_build_are_served_beside_a_saturating_rera
         async def budgeted(base):
             k = 0
             while going():
-                n, result, late = await budgeted_request(rerank, candidates(base + 100 * k, 30, seed=k), 0.05)
+                _, _, late = await budgeted_request(rerank, candidates(base + 100 * k, 30, seed=k), 0.05)
                 latency["budgeted"].append(late)
                 k += 1
                 await asyncio.sleep(0.002)                  # a caller's think time (a plan of 0 returns at once)
