@@ -14,7 +14,8 @@ in the core's cache.
 
 Batch limits: at most ``max_batch_size`` items and at most ``max_batch_tokens`` padded tokens (count x longest
 item). An item longer than the token budget runs alone. When the loop is idle and the pending work cannot
-fill a batch, it waits up to ``max_delay_ms`` after the oldest pending item arrived for more work.
+fill a batch, it waits up to ``max_delay_ms`` after the oldest pending item arrived for more work (not while
+budgeted work is pending: it was planned to start at once).
 
 Cost model: each batcher keeps a `CostModel` (server/cost.py) of its model's batch time on one worker (fixed
 + per padded token), refitted after every batch from its measured duration. It predicts when running batches
@@ -621,7 +622,7 @@ class Batcher:
             _, full = self._plan(now)
             oldest = min(r.submitted for r in self._pending)
             wait = oldest + self.max_delay_s - time.monotonic()
-            if full or wait <= 0 or not self.enabled or self._closing:
+            if full or wait <= 0 or not self.enabled or self._closing or any(r.budgeted for r in self._pending):
                 return True
             self._wake.clear()
             try:

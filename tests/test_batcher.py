@@ -1177,3 +1177,19 @@ def test_prometheus_gauges_follow_the_cost_estimate_and_count_dropped_items():
     assert sample("twostage_deadline_dropped_items_total", labels) >= 1
     metrics.observe_budget_limited("Search")
     assert sample("twostage_budget_limited_requests_total", {"method": "Search"}) == 1
+
+
+def test_budgeted_work_does_not_wait_for_batch_mates():
+    model = RecordingModel()
+
+    async def scenario():
+        batcher = make(model, max_delay_ms=1000.0)        # unbudgeted work would wait a second for company
+        batcher.start()
+        started = time.monotonic()
+        result = await batcher.submit([item(1, 4)], deadline=started + 0.2, budgeted=True)
+        elapsed = time.monotonic() - started
+        await batcher.stop()
+        return result, elapsed
+
+    result, elapsed = run(scenario())
+    assert result.completed.all() and elapsed < 0.2
