@@ -229,7 +229,10 @@ class InferencePool:
         return worker
 
     def release(self, worker: Worker) -> None:
-        self._busy.discard(worker)
+        """Give a slot back (once; a second release of the same `Worker` does nothing)."""
+        if worker not in self._busy:
+            return
+        self._busy.remove(worker)
         self._free += 1
         while self._waiters:
             waiter = min(self._waiters, key=lambda w: (w[1](), w[0]))
