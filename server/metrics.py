@@ -27,6 +27,19 @@ class Metrics:
                                        ["model"], buckets=(0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9, 1.0), registry=r)
         self.inference = Histogram("twostage_batch_inference_seconds", "model inference time per batch", ["model"],
                                    buckets=LATENCY_BUCKETS, registry=r)
+        self.cost_fixed = Gauge("twostage_batch_cost_fixed_seconds",
+                                "estimated fixed cost of one model batch on one worker (online fit)", ["model"],
+                                registry=r)
+        self.cost_per_token = Gauge("twostage_batch_cost_per_token_seconds",
+                                    "estimated cost per padded token of a model batch on one worker (online fit)",
+                                    ["model"], registry=r)
+        self.cost_spread = Gauge("twostage_batch_cost_relative_error",
+                                 "recent relative error of the batch cost predictions", ["model"], registry=r)
+        self.deadline_dropped = Counter("twostage_deadline_dropped_items_total",
+                                        "items of budgeted requests not run because they could not end by the "
+                                        "deadline", ["model"], registry=r)
+        self.budget_limited = Counter("twostage_budget_limited_requests_total",
+                                      "requests whose latency budget cut reranking short", ["method"], registry=r)
         self.index_size = Gauge("twostage_index_documents", "documents in the index", registry=r)
         self.inflight = Gauge("twostage_inflight_requests", "RPCs being served now", registry=r)
 
@@ -40,6 +53,17 @@ class Metrics:
 
     def observe_queue(self, model: str, seconds: float) -> None:
         self.queue.labels(model).observe(seconds)
+
+    def observe_cost(self, model: str, fixed_s: float, per_token_s: float, spread: float) -> None:
+        self.cost_fixed.labels(model).set(fixed_s)
+        self.cost_per_token.labels(model).set(per_token_s)
+        self.cost_spread.labels(model).set(spread)
+
+    def observe_dropped(self, model: str, items: int) -> None:
+        self.deadline_dropped.labels(model).inc(items)
+
+    def observe_budget_limited(self, method: str) -> None:
+        self.budget_limited.labels(method).inc()
 
     def observe_rpc(self, method: str, code: str, seconds: float) -> None:
         self.requests.labels(method, code).inc()
