@@ -11,9 +11,10 @@ tokenizer on, e.g., "ß" or the "ﬁ" ligature, and those words would stop match
 Words are cut at characters of the Unicode categories that unicode61 treats as separators (punctuation, space,
 control and format characters, math, currency and modifier symbols), so that a word is never cut where FTS5
 would not cut it; where FTS5 cuts inside a word (at symbols such as "©" or at combining vowel signs), the quoted
-word becomes a short phrase that matches the same consecutive tokens in a document. The one known disagreement:
-about 230 punctuation and format characters assigned after Unicode 6.1 are separators here but word characters
-to unicode61, so a document word glued to one of them is not found by its parts.
+word becomes a short phrase that matches the same consecutive tokens in a document. unicode61 knows Unicode 6.1
+and takes any character assigned later for a word character (emoji skin tones, newer punctuation), so only
+characters already assigned in Unicode 3.2 (the oldest table Python keeps) cut words here. Checked over every
+code point (SQLite 3.40, Python 3.11): no cut falls inside an FTS5 token.
 
 The words are joined with OR and scored by FTS5's bm25() (k1 = 1.2, b = 0.75, fixed in SQLite).
 """
@@ -44,12 +45,16 @@ s t
 """.split())
 
 
+def _is_separator(ch: str) -> bool:
+    return unicodedata.category(ch) in _SEPARATOR_CATEGORIES and unicodedata.ucd_3_2_0.category(ch) != "Cn"
+
+
 def _words(text: str) -> list[str]:
     """`text` cut at separator characters, in order."""
     words: list[str] = []
     start = None
     for i, ch in enumerate(text):
-        if unicodedata.category(ch) in _SEPARATOR_CATEGORIES:
+        if _is_separator(ch):
             if start is not None:
                 words.append(text[start:i])
                 start = None
