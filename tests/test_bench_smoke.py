@@ -273,3 +273,19 @@ def test_memory_bench(tiny):
     assert server["with_documents"]["documents"] == 200 and server["with_documents"]["index_directory_bytes"] > 0
     est = data["estimate_at_n"]["dtypes"]["f32"]
     assert est["server_rss_bytes"] > server["empty_index"]["rss_after_requests"]
+
+
+def test_lexical_index_bench(tiny):
+    data = run_bench("lexical_index", tiny, "--repeats", "1", "--scale", "2")
+    assert data["config"]["documents"] == 40
+    assert set(data["build"]) == {"triggers", "no-lexical", "rebuild"}
+    assert all(b["seconds_median"] > 0 for b in data["build"].values())
+    assert data["build"]["rebuild"]["runs"][0]["rebuild_seconds"] > 0
+    sizes = data["table_bytes"]
+    assert sizes["documents"] > sizes["lexical (FTS5)"] > 0 and sizes["file"] >= sizes["documents"]
+    assert set(data["latency"]) == {"top100", "top100_optimized", "top100_filter_tenth", "top100_no_stop_words"}
+    assert all(v["wall_ms"]["n"] == 5 for v in data["latency"].values())  # one per judged test query
+    assert set(data["quality"]) == {"test_stop_words", "test_no_stop_words"}  # no train judgments here
+    assert all(between(v["ndcg@10"]) and v["ndcg@10"] > 0 for v in data["quality"].values())
+    scaled = data["scaled"]
+    assert scaled["documents"] == 80 and scaled["matches_per_query"]["p50"] == 2 * data["matches_per_query"]["p50"]

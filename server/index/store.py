@@ -22,7 +22,7 @@ import logging
 import sqlite3
 import time
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -255,7 +255,7 @@ class DocumentStore:
             "JOIN documents AS d ON d.key = r.key ORDER BY r.score DESC, r.key", (match, k)).fetchall()
 
     def lexical_scan(self, match: str, condition: str, params: Sequence[object],
-                     chunk: int = SQL_CHUNK) -> Iterator[list[tuple[str, str, float]]]:
+                     chunk: int = SQL_CHUNK) -> Generator[list[tuple[str, str, float]], None, None]:
         """Chunks of (id, metadata JSON, score) of every document that matches `match` and whose row satisfies
         `condition`, best BM25 score first (as `lexical_top`); stop early by closing the iterator."""
         cur = self.reader().execute(
