@@ -104,6 +104,8 @@ def test_a_new_backend_is_empty_and_describes_itself(backend: IndexBackend):
     empty = backend.search(unit_vectors(1)[0], 5)
     assert empty.hits == [] and not empty.exhausted
     assert backend.search(unit_vectors(1)[0], 5, filter={"n": 1}).exhausted  # no document can match
+    assert backend.lexical_search("anything", 5).hits == []
+    assert backend.lexical_search("anything", 5, filter={"n": 1}).exhausted
     described = backend.describe()
     assert described["kind"] == backend.kind and backend.kind
     assert all(isinstance(k, str) and isinstance(v, str) for k, v in described.items())
@@ -207,6 +209,111 @@ def test_filter_keys_and_values_are_data_not_syntax(backend: IndexBackend):
         assert backend.search(query, 10, filter={"k": key}).hits == []
 
 
+# --------------------------------------------------------------------------------------------------- lexical
+WORDY = [  # (id, title, text, metadata): text written for these tests
+    ("kite", "Kites", "A kite flies because wind on its tilted surface makes lift.", {"topic": "physics", "year": 2001}),
+    ("bread", "Bread", "Bread rises because yeast makes gas while the dough rests.", {"topic": "food", "year": 2002}),
+    ("orchid", "Orchids", "Zygomorphic flowers such as orchids have one plane of symmetry.", {"topic": "botany", "year": 2003}),
+    ("river", "Rivers", "A river carries sand and silt to the sea and builds a delta.", {"topic": "earth", "year": 2001}),
+    ("wind", "Wind power", "Wind turns the blades of a turbine, and the turbine makes power.", {"topic": "physics", "year": 2002}),
+    ("tide", "Tides", "The moon pulls the sea, and the sea rises and falls twice a day.", {"topic": "earth", "year": 2003}),
+    ("antenna", "Antennas", "The near field of an antenna stores energy; the far field carries it away.",
+     {"topic": "physics", "year": 2004}),
+    ("field", "Fields", "A farmer sows wheat in the field in spring.", {"topic": "food", "year": 2004}),
+]
+
+
+def wordy(backend: IndexBackend) -> None:
+    backend.upsert([StoredDoc(i, text, title, meta) for i, title, text, meta in WORDY], unit_vectors(len(WORDY), seed=20))
+
+
+def test_lexical_search_finds_a_rare_exact_word_first(backend: IndexBackend):
+    wordy(backend)
+    found = backend.lexical_search("which flowers are zygomorphic", 5)
+    assert ids(found)[0] == "orchid" and not found.exhausted
+    assert ids(backend.lexical_search("ZYGOMORPHIC", 5)) == ["orchid"]  # case does not matter
+    wind = backend.lexical_search("wind makes lift", 8)
+    assert ids(wind)[0] == "kite"  # has all three words
+    assert set(ids(wind)) == {"kite", "wind", "bread"}  # any word may match
+    assert [h.rank for h in wind.hits] == list(range(len(wind.hits)))
+    scores = [h.score for h in wind.hits]
+    assert all(s > 0 for s in scores) and scores == sorted(scores, reverse=True)  # BM25: positive, best first
+    assert ids(backend.lexical_search("wind makes lift", 2)) == ids(wind)[:2]  # k bounds the list
+    nothing = backend.lexical_search("quasar", 5)
+    assert nothing.hits == [] and not nothing.exhausted  # no filter: never exhausted
+    assert backend.lexical_search("", 5).hits == []
+    assert backend.lexical_search("  ,;!? ", 5).hits == []
+
+
+def test_lexical_search_follows_upserts_and_deletes(backend: IndexBackend):
+    wordy(backend)
+    backend.upsert([StoredDoc("orchid", "Actinomorphic flowers have many planes of symmetry.", "Lilies", {})],
+                   unit_vectors(1, seed=21))
+    assert backend.lexical_search("zygomorphic", 5).hits == []  # the old words left with the old version
+    assert ids(backend.lexical_search("actinomorphic lilies", 5)) == ["orchid"]
+    backend.delete(["orchid", "kite"])
+    assert backend.lexical_search("actinomorphic", 5).hits == []
+    assert "kite" not in ids(backend.lexical_search("wind lift", 10))
+    backend.upsert([StoredDoc("kite", "Back again: the kite.", "", {})], unit_vectors(1, seed=22))
+    assert ids(backend.lexical_search("kite", 5)) == ["kite"]
+
+
+def test_lexical_search_with_a_filter(backend: IndexBackend):
+    wordy(backend)
+    physics = backend.lexical_search("wind sea field", 2, filter={"topic": "physics"})
+    assert len(physics.hits) == 2 and not physics.exhausted
+    assert set(ids(physics)) <= {"kite", "wind", "antenna"}
+    every = backend.lexical_search("wind sea field", 10, filter={"topic": "physics"})
+    assert set(ids(every)) == {"kite", "wind", "antenna"} and every.exhausted  # fewer than k match both
+    unfiltered = ids(backend.lexical_search("wind sea field", 10))
+    assert ids(every) == [i for i in unfiltered if i in {"kite", "wind", "antenna"}]  # same order as without
+    assert [h.rank for h in every.hits] == [0, 1, 2]
+    # same filter semantics as dense search: numbers by value, several keys all match, types never mix
+    assert ids(backend.lexical_search("sea", 10, filter={"year": 2003.0})) == ["tide"]
+    assert ids(backend.lexical_search("sea", 10, filter={"year": 2001, "topic": "earth"})) == ["river"]
+    assert backend.lexical_search("sea", 10, filter={"year": "2003"}).hits == []
+    none = backend.lexical_search("zygomorphic", 3, filter={"topic": "food"})
+    assert none.hits == [] and none.exhausted
+    assert backend.lexical_search("", 3, filter={"topic": "food"}).exhausted
+
+
+HOSTILE = [
+    '"', '""', '"antenna', 'antenna"', '"near field"', "antenna*", "*", "ante*", "NEAR(antenna field, 1)",
+    "NEAR(", "antenna NOT field", "NOT antenna", "antenna AND", "OR", "AND OR NOT", "title:antenna",
+    "text:antenna", "{title text}: antenna", "-antenna", "- title : antenna", "^antenna", "^", "(antenna",
+    "antenna)", "((()))", "antenna + field", "'; DROP TABLE documents; --", "a\"b", "\\", "\x00antenna",
+    "antenna\x00field", "\n\t\r", "grüße", "Ｆｉｅｌｄ", "🙂", "🙂antenna🙂", "天线", "هوائي", "e\u0301",
+    "antenna " * 5000, "x" * 100_000, " ".join(f"w{i}" for i in range(20_000)),
+]
+
+
+@pytest.mark.parametrize("query", HOSTILE, ids=lambda q: repr(q[:20]) + (f"...({len(q)})" if len(q) > 20 else ""))
+def test_lexical_query_text_is_never_syntax(backend: IndexBackend, query: str):
+    """Whatever the text holds (quotes, operators, column names, prefixes, NUL, any script, 100,000 characters),
+    a lexical search returns hits or none and never fails."""
+    wordy(backend)
+    found = backend.lexical_search(query, 5)
+    assert isinstance(found, Candidates) and len(found.hits) <= 5
+    assert all(h.score > 0 for h in found.hits)
+    backend.lexical_search(query, 5, filter={"topic": "physics"})
+
+
+def test_lexical_operators_and_columns_are_plain_words(backend: IndexBackend):
+    wordy(backend)
+    # as FTS5 syntax "antenna NOT field" would exclude the antenna document (it says "field"); as words it is
+    # that document's best match
+    assert ids(backend.lexical_search("antenna NOT field", 5))[0] == "antenna"
+    assert set(ids(backend.lexical_search("antenna NOT field", 5))) == {"antenna", "field"}
+    # as syntax "title:field" would look in titles only, where the antenna document lacks the word
+    assert set(ids(backend.lexical_search("title:field", 5))) == {"antenna", "field"}
+    assert ids(backend.lexical_search("ante*", 5)) == []  # no prefix queries: "ante" is not a word here
+    assert ids(backend.lexical_search('"near field', 5))[0] == "antenna"
+    near = ids(backend.lexical_search("NEAR(farmer wheat, 0)", 5))  # as syntax: nothing (the words are 1 apart)
+    assert near[0] == "field" and set(near) == {"field", "antenna"}  # "near" is a word of the antenna text
+    assert ids(backend.lexical_search("-wheat", 5)) == ["field"]
+    assert ids(backend.lexical_search("(yeast", 5)) == ["bread"]
+
+
 # ------------------------------------------------------------------------------------------------- restarts
 def test_reopen_keeps_every_acknowledged_write(backend_factory: BackendFactory):
     vectors = unit_vectors(30, seed=9)
@@ -217,6 +324,7 @@ def test_reopen_keeps_every_acknowledged_write(backend_factory: BackendFactory):
         backend.upsert([StoredDoc("d3", "replaced", "", {"v": 3})], unit_vectors(1, seed=10))
         before = [ids(backend.search(v, 5)) for v in vectors[:5]]
         filtered = ids(backend.search(vectors[0], 5, filter={"parity": 0}))
+        lexical = backend.lexical_search("title 7 d29 replaced", 30)
     finally:
         backend.close()
     backend = backend_factory.open()
@@ -227,23 +335,29 @@ def test_reopen_keeps_every_acknowledged_write(backend_factory: BackendFactory):
         assert backend.get(["d29"])["d29"] == docs(1, start=29)[0]
         assert [ids(backend.search(v, 5)) for v in vectors[:5]] == before
         assert ids(backend.search(vectors[0], 5, filter={"parity": 0})) == filtered
+        again = backend.lexical_search("title 7 d29 replaced", 30)  # the terms came back with the documents
+        assert ids(again) == ids(lexical) and {"d3", "d7", "d29"} <= set(ids(again))
+        assert [h.score for h in again.hits] == pytest.approx([h.score for h in lexical.hits])
+        assert backend.lexical_search("d1", 5).hits == []  # and deleted ones stayed gone
         assert backend.upsert(docs(1, start=30), unit_vectors(1, seed=11)) == (1, 0)  # still writable
+        assert ids(backend.lexical_search("d30", 5)) == ["d30"]
     finally:
         backend.close()
 
 
 # ---------------------------------------------------------------------------------------------- concurrency
 def test_concurrent_searches_and_fetches_see_whole_writes_only(backend: IndexBackend):
-    """A writer replaces or deletes pairs of documents (a{i}, b{i}) that share a vector, one pair per write;
-    readers search and fetch meanwhile. No reader may see one document of a pair without the other, two
-    versions of a pair, or an even pair (never deleted) missing while it is being replaced."""
+    """A writer replaces or deletes pairs of documents (a{i}, b{i}) that share a vector and a word, one pair per
+    write; readers search (by vector and by word) and fetch meanwhile. No reader may see one document of a pair
+    without the other, two versions of a pair, or an even pair (never deleted) missing while it is being
+    replaced."""
     pairs = 40
     base = unit_vectors(pairs, seed=11)
     stop = threading.Event()
     errors: list[str] = []
 
-    def pair_docs(i: int, version: int) -> list[StoredDoc]:
-        return [StoredDoc(f"a{i}", f"v{version}"), StoredDoc(f"b{i}", f"v{version}")]
+    def pair_docs(i: int, version: int) -> list[StoredDoc]:  # the word pair{i} finds both by lexical search
+        return [StoredDoc(f"a{i}", f"pair{i} v{version}"), StoredDoc(f"b{i}", f"pair{i} v{version}")]
 
     for i in range(0, pairs, 2):
         backend.upsert(pair_docs(i, 0), np.stack([base[i], base[i]]))
@@ -271,6 +385,11 @@ def test_concurrent_searches_and_fetches_see_whole_writes_only(backend: IndexBac
                 errors.append(f"search saw half of pair {i}: {hits}")
             if i % 2 == 0 and hits != {f"a{i}", f"b{i}"}:
                 errors.append(f"search lost pair {i} while it was being replaced: {hits}")
+            words = set(ids(backend.lexical_search(f"pair{i}", 4)))
+            if words not in (set(), {f"a{i}", f"b{i}"}):
+                errors.append(f"lexical search saw half of pair {i} (or another pair): {words}")
+            if i % 2 == 0 and not words:
+                errors.append(f"lexical search lost pair {i} while it was being replaced")
             got = backend.get([f"a{i}", f"b{i}"])
             if len(got) == 1 or (len(got) == 2 and got[f"a{i}"].text != got[f"b{i}"].text):
                 errors.append(f"get saw half of pair {i}: {got}")

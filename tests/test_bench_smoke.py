@@ -284,3 +284,19 @@ def test_bi_encoders_bench(tiny):
     assert all(v["documents"] == 16 and v["docs_per_s"] > 0 and v["real_tokens"] > 16
                for v in data["document_throughput"].values())
     assert data["models"]["first"]["public_ndcg_at_10"] is None  # the tiny model has no public figures
+
+
+def test_lexical_index_bench(tiny):
+    data = run_bench("lexical_index", tiny, "--repeats", "1", "--scale", "2")
+    assert data["config"]["documents"] == 40
+    assert set(data["build"]) == {"triggers", "no-lexical", "rebuild"}
+    assert all(b["seconds_median"] > 0 for b in data["build"].values())
+    assert data["build"]["rebuild"]["runs"][0]["rebuild_seconds"] > 0
+    sizes = data["table_bytes"]
+    assert sizes["documents"] > sizes["lexical (FTS5)"] > 0 and sizes["file"] >= sizes["documents"]
+    assert set(data["latency"]) == {"top100", "top100_optimized", "top100_filter_tenth", "top100_no_stop_words"}
+    assert all(v["wall_ms"]["n"] == 5 for v in data["latency"].values())  # one per judged test query
+    assert set(data["quality"]) == {"test_stop_words", "test_no_stop_words"}  # no train judgments here
+    assert all(between(v["ndcg@10"]) and v["ndcg@10"] > 0 for v in data["quality"].values())
+    scaled = data["scaled"]
+    assert scaled["documents"] == 80 and scaled["matches_per_query"]["p50"] == 2 * data["matches_per_query"]["p50"]

@@ -9,6 +9,7 @@ import json
 import os
 import random
 import signal
+import sqlite3
 import subprocess
 import sys
 import textwrap
@@ -22,7 +23,7 @@ from twostage.server.errors import FailedPrecondition
 from twostage.server.index.backend import StoredDoc, embedding_text
 from twostage.server.index.embedded import DocumentIndex
 from twostage.server.index.filters import json_equal, metadata_matches
-from twostage.server.index.layout import SNAPSHOT_META_FILE
+from twostage.server.index.layout import SNAPSHOT_META_FILE, STORE_FILE
 from twostage.server.index.settings import IndexSettings
 from twostage.server.index.store import DocumentStore
 
@@ -250,7 +251,7 @@ while True:
     n += 1
     new = [f"r{round_no}-{n}-{j}" for j in range(4)]
     replace = [str(x) for x in rng.choice(live, size=min(2, len(live)), replace=False)] if live else []
-    batch = [StoredDoc(i, f"v{round_no}-{n}") for i in new + replace]
+    batch = [StoredDoc(i, f"v{round_no}x{n} common") for i in new + replace]
     say("plan upsert", n, ",".join(new + replace))
     ix.upsert(batch, rng.normal(size=(len(batch), 16)).astype(np.float32))
     say("ack upsert", n, ",".join(new + replace))
@@ -266,8 +267,9 @@ while True:
 
 def test_kill_9_during_upserts_loses_no_acknowledged_write(tmp_path):
     """A child upserts (and deletes) in a loop, printing each write before it starts and after it is
-    acknowledged; it is SIGKILLed at a random moment. After reopening, the store and the graph hold
-    the same keys, every acknowledged write is there, and the write in flight is all or nothing."""
+    acknowledged; it is SIGKILLed at a random moment. After reopening, the store, the graph and the lexical
+    index hold the same documents, every acknowledged write is there, and the write in flight is all or
+    nothing."""
     path = tmp_path / "ix"
     script = tmp_path / "child.py"
     script.write_text(_CRASH_CHILD)
@@ -296,19 +298,19 @@ def test_kill_9_during_upserts_loses_no_acknowledged_write(tmp_path):
         for line in lines:
             kind, op, n, ids = line.split(" ", 3)
             if kind == "plan":
-                in_flight = (op, f"v{round_no}-{n}", ids.split(","))
+                in_flight = (op, f"v{round_no}x{n} common", ids.split(","))
                 continue
             in_flight = None
             for i in ids.split(","):
                 if op == "upsert":
-                    expected[i] = f"v{round_no}-{n}"
+                    expected[i] = f"v{round_no}x{n} common"
                     deleted.discard(i)
                 else:
                     del expected[i]
                     deleted.add(i)
 
         with open_index(path, expansion_add=32) as index:
-            assert index.verify() == index.size  # store keys == graph keys
+            assert index.verify() == index.size  # store keys == graph keys; lexical index == stored texts
             unsure = set(in_flight[2]) if in_flight else set()
             stored = index.get([*expected, *deleted, *unsure])
             for doc_id, text in expected.items():  # every acknowledged upsert is there...
@@ -331,6 +333,15 @@ def test_kill_9_during_upserts_loses_no_acknowledged_write(tmp_path):
                         expected.pop(i, None)
                         deleted.add(i)
             assert index.size == len(expected)  # nothing else is stored
+            # the lexical index holds exactly the stored texts: every document by the word all share, each
+            # version's documents by that version's word
+            assert {h.id for h in index.lexical_search("common", len(expected) + 10).hits} == set(expected)
+            by_text: dict[str, set[str]] = {}
+            for doc_id, text in expected.items():
+                by_text.setdefault(text, set()).add(doc_id)
+            for text, doc_ids in by_text.items():
+                word = text.split()[0]
+                assert {h.id for h in index.lexical_search(word, 100).hits} == doc_ids, (word, index.opened_from)
 
 
 def test_second_open_of_the_same_directory_is_refused(tmp_path):
@@ -359,6 +370,85 @@ def test_changed_hnsw_settings_rebuild_the_graph(tmp_path):
         assert index.search(vectors[3], 1).hits[0].id == "d3"
     with open_index(path, dtype="f16") as index:
         assert index.opened_from == "snapshot"
+
+
+def as_format_1(path: Path) -> None:
+    """Turn the store in `path` into what store format 1 (before the lexical index) left on disk: the same
+    `meta` and `documents` tables, no FTS5 table, no triggers, format "1"."""
+    conn = sqlite3.connect(path / STORE_FILE)
+    with conn:
+        for trigger in ("insert", "delete", "update"):
+            conn.execute(f"DROP TRIGGER documents_lexical_{trigger}")
+        conn.execute("DROP TABLE lexical")
+        conn.execute("UPDATE meta SET value = '1' WHERE name = 'format'")
+    assert {name for (name,) in conn.execute("SELECT name FROM sqlite_master")} == {
+        "meta", "sqlite_autoindex_meta_1", "documents", "sqlite_autoindex_documents_1", "sqlite_sequence"}
+    conn.close()
+
+
+def store_format(path: Path) -> str:
+    conn = sqlite3.connect(path / STORE_FILE)
+    try:
+        return conn.execute("SELECT value FROM meta WHERE name = 'format'").fetchone()[0]
+    finally:
+        conn.close()
+
+
+def test_a_format_1_index_is_upgraded_in_place_when_opened_writable(tmp_path, caplog):
+    path = tmp_path / "ix"
+    vectors = unit_vectors(40)
+    batch = [StoredDoc(f"d{i}", f"text number {i} about {'cats' if i % 2 else 'dogs'}", f"title {i}", {"n": i})
+             for i in range(40)]
+    with open_index(path) as index:
+        index.upsert(batch, vectors)
+        index.delete(["d5"])
+        nearest = [h.id for h in index.search(vectors[7], 5).hits]
+    as_format_1(path)
+    with caplog.at_level("WARNING", logger="twostage.index"):
+        with open_index(path) as index:
+            assert "upgraded store format 1 -> 2" in caplog.text and "39 documents" in caplog.text
+            assert index.opened_from == "snapshot"  # the graph is untouched
+            assert index.verify() == 39
+            assert index.get([d.id for d in batch]) == {d.id: d for d in batch if d.id != "d5"}
+            assert [h.id for h in index.search(vectors[7], 5).hits] == nearest
+            assert [h.id for h in index.lexical_search("number 12", 3).hits][0] == "d12"
+            assert {h.id for h in index.lexical_search("cats", 40).hits} == {f"d{i}" for i in range(1, 40, 2)} - {"d5"}
+            index.upsert([StoredDoc("new", "fresh words")], unit_vectors(1, seed=3))  # triggers work
+            assert [h.id for h in index.lexical_search("fresh", 3).hits] == ["new"]
+    assert store_format(path) == "2"
+    caplog.clear()
+    with caplog.at_level("WARNING", logger="twostage.index"):
+        with open_index(path) as index:
+            assert "upgraded" not in caplog.text and index.size == 40 and index.verify() == 40
+
+
+def test_a_format_1_index_opened_read_only_is_refused_and_left_as_it_was(tmp_path):
+    path = tmp_path / "ix"
+    with open_index(path) as index:
+        index.upsert(docs(20), unit_vectors(20))
+    as_format_1(path)
+    before = (path / STORE_FILE).read_bytes()
+    with pytest.raises(FailedPrecondition, match=r"store format 1.*index_view.*twostage index build") as refused:
+        open_index(path, view=True)
+    assert str(path) in str(refused.value)
+    assert store_format(path) == "1" and (path / STORE_FILE).read_bytes() == before
+    with open_index(path) as index:  # opened writable once: upgraded, nothing lost
+        assert index.size == 20 and index.verify() == 20
+    with open_index(path, view=True) as view:
+        assert view.get(["d3"])["d3"] == docs(20)[3]
+        assert [h.id for h in view.lexical_search("d3", 5).hits] == ["d3"]
+
+
+def test_an_unknown_store_format_is_refused(tmp_path):
+    path = tmp_path / "ix"
+    with open_index(path):
+        pass
+    conn = sqlite3.connect(path / STORE_FILE)
+    with conn:
+        conn.execute("UPDATE meta SET value = '99' WHERE name = 'format'")
+    conn.close()
+    with pytest.raises(FailedPrecondition, match="store format 99 is not 2"):
+        open_index(path)
 
 
 # ---------------------------------------------------------------------------------------------

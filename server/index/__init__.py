@@ -2,9 +2,10 @@
 
     backend.py    IndexBackend (what the engine needs), Candidate(s), StoredDoc, Filter, Snapshotting
     filters.py    what a metadata filter means; the SQL pre-filter
+    lexical.py    lexical (BM25) query analysis: user text -> a quoted FTS5 MATCH expression
     embedded.py   DocumentIndex: the usearch HNSW + SQLite implementation (concurrency, writes, search strategies)
     ann.py        the usearch graph with staged writes hidden, scores, exact search
-    store.py      the SQLite document store
+    store.py      the SQLite document store, with its FTS5 lexical index kept in step by triggers
     snapshot.py   graph snapshots: write, check, load, reconcile with the store, rebuild
     layout.py     files of an index directory, its lock, the swap `index build` ends with
     durable.py    fsync and atomic-write helpers

@@ -36,8 +36,8 @@ class StoredDoc:
 
 @dataclass(frozen=True)
 class Candidate:
-    """A stage-1 hit before its document is fetched: `score` is a similarity (higher is closer), `rank` its
-    0-based position in its list."""
+    """A stage-1 hit before its document is fetched: `score` is a similarity (higher is closer) or, from a
+    lexical search, a BM25 score (higher is better), `rank` its 0-based position in its list."""
 
     id: str
     score: float
@@ -47,7 +47,8 @@ class Candidate:
 @dataclass
 class Candidates:
     """Stage-1 hits, best first. `exhausted`: a filter left fewer than k matching documents in the whole index.
-    `strategy`: how the backend found them (for logs and tests; embedded: "ann", "ann-all", "scan", "empty")."""
+    `strategy`: how the backend found them (for logs and tests; embedded: "ann", "ann-all", "scan", "empty",
+    and for lexical searches "lexical", "lexical-filtered", "lexical-no-terms")."""
 
     hits: list[Candidate]
     exhausted: bool = False
@@ -55,7 +56,8 @@ class Candidates:
 
 
 class IndexBackend(Protocol):
-    """Documents and their vectors, searchable by similarity with an optional metadata filter.
+    """Documents and their vectors, searchable by similarity (and by words, BM25) with an optional metadata
+    filter.
 
     Writes are atomic (a search sees all of an upsert or delete or none of it) and durable when they return.
     """
@@ -80,6 +82,14 @@ class IndexBackend(Protocol):
     def search(self, vector: np.ndarray, k: int, *, filter: Filter | None = None,
                expansion_search: int | None = None) -> Candidates:
         """The k documents nearest to `vector` (those matching `filter`, when given): ids and scores only."""
+        ...
+
+    def lexical_search(self, text: str, k: int, *, filter: Filter | None = None) -> Candidates:
+        """The k documents that score best by BM25 for the words of `text` (those matching `filter`, when
+        given): ids and scores (BM25, positive, higher is better). Any word of `text` may match; the backend
+        analyses `text` itself and never reads it as query syntax; a text with no searchable words finds
+        nothing. Writes reach it atomically with the rest: a document listed here has its row stored as of the
+        same moment. `exhausted`: a filter was given and fewer than k documents match both it and the text."""
         ...
 
     def get(self, ids: Sequence[str]) -> dict[str, StoredDoc]:

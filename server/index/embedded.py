@@ -36,6 +36,7 @@ from . import snapshot
 from .ann import Graph, exact_top_k, similarity
 from .backend import Candidate, Candidates, Filter, StoredDoc
 from .filters import filter_sql, metadata_matches
+from .lexical import match_expression, query_terms
 from .layout import STORE_FILE, DirectoryLock, recover_index_dir
 from .settings import IndexSettings
 from .store import DocumentStore
@@ -130,7 +131,7 @@ class DocumentIndex:
             path.mkdir(parents=True, exist_ok=True)
         lock = DirectoryLock(path, exclusive=not settings.view)
         try:
-            store = DocumentStore(path / STORE_FILE, dimension, settings.metric, create=not settings.view)
+            store = DocumentStore(path / STORE_FILE, dimension, settings.metric, writable=not settings.view)
         except BaseException:
             lock.release()
             raise
@@ -173,13 +174,16 @@ class DocumentIndex:
                 "view": str(s.view).lower()}
 
     def verify(self) -> int:
-        """Check that the HNSW keys and the store keys are the same set; returns the document count."""
+        """Check that the HNSW keys and the store keys are the same set and that the lexical index holds the
+        stored texts' words; returns the document count."""
         with self._write_mutex, self._rw.read():
             graph = self._open_graph()
             keys = graph.keys()
             stored = self._store.keys()
             if not (len(keys) == len(stored) == self._count and np.array_equal(np.sort(keys), np.sort(stored))):
                 raise FailedPrecondition(f"index {self.path}: HNSW keys and document store keys differ")
+            if not self._store.lexical_in_step():
+                raise FailedPrecondition(f"index {self.path}: the lexical index differs from the stored texts")
             return self.size
 
     def _open_graph(self) -> Graph:
@@ -254,6 +258,35 @@ class DocumentIndex:
         ids = self._store.ids_of(keys[0])
         hits = [Candidate(ids[int(key)], float(score), rank) for rank, (key, score) in enumerate(zip(keys[0], scores[0]))]
         return Candidates(hits, exhausted=matched < k, strategy="scan")
+
+    def lexical_search(self, text: str, k: int, *, filter: Filter | None = None) -> Candidates:
+        """The k documents that score best by BM25 for the words of `text` (matching `filter`, when given):
+        ids and scores (-bm25(), positive, higher is better). Any word may match (OR); stop words are dropped;
+        a text with no words left finds nothing. `exhausted`: a filter was given and fewer than k documents
+        match both it and a word of `text`."""
+        terms = query_terms(text)
+        with self._rw.read():
+            self._open_graph()
+            if not terms:
+                return Candidates([], exhausted=bool(filter), strategy="lexical-no-terms")
+            match = match_expression(terms)
+            if not filter:
+                rows = self._store.lexical_top(match, k)
+                return Candidates([Candidate(doc_id, score, rank) for rank, (doc_id, score) in enumerate(rows)],
+                                  strategy="lexical")
+            condition, params = filter_sql(filter)
+            hits: list[Candidate] = []
+            scan = self._store.lexical_scan(match, condition, params)
+            try:
+                for rows in scan:
+                    for doc_id, meta, score in rows:
+                        if metadata_matches(json.loads(meta), filter):
+                            hits.append(Candidate(doc_id, score, len(hits)))
+                            if len(hits) == k:
+                                return Candidates(hits, strategy="lexical-filtered")
+            finally:
+                scan.close()
+            return Candidates(hits, exhausted=True, strategy="lexical-filtered")
 
     # ---------------------------------------------- evaluation helpers (bench/ and tests; not IndexBackend)
     def search_batch(self, vectors: np.ndarray, k: int, *, expansion_search: int | None = None) -> list[Candidates]:

@@ -3,7 +3,8 @@
 Files in an index directory:
 
     documents.sqlite3 (+ -wal, -shm)  the source of truth: every document's id, text, title, metadata
-                                      (JSON) and float32 vector, keyed by a 64-bit integer `key`
+                                      (JSON) and float32 vector, keyed by a 64-bit integer `key`, and the
+                                      FTS5 lexical index over titles and texts (store.py)
     hnsw-<seq>.usearch                a snapshot of the HNSW graph as of change sequence <seq>
     snapshot.json                     names the current snapshot file, its size, sha256 and sequence
     LOCK                              flock()ed while a process has the index open

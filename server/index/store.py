@@ -6,6 +6,11 @@ so a key names one vector for ever, which is what lets a snapshot of the graph b
 differences (snapshot.reconcile). A `meta` table records the format, dimension, metric and the change sequence
 `seq`, bumped by every committed write.
 
+The lexical index is an FTS5 table, `lexical`, over the documents' title and text (external content: it stores
+terms, positions and lengths, not the text again). Triggers on `documents` keep it in step inside the very
+transaction that writes the rows, so documents, vectors and terms commit, roll back and survive a crash
+together. Store format 2 added it; a format-1 store is upgraded in place when opened writable (`_upgrade`).
+
 Durability: WAL mode with synchronous=FULL, so a write is on disk once its COMMIT returns.
 Connections: one writer (used under the index's writer mutex) and one read-only connection per reading thread.
 """
@@ -13,9 +18,11 @@ from __future__ import annotations
 
 import contextlib
 import json
+import logging
 import sqlite3
+import time
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Generator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -24,8 +31,11 @@ import numpy as np
 from twostage.server.errors import FailedPrecondition
 
 from .backend import StoredDoc
+from .lexical import LEXICAL_TOKENIZER
 
-STORE_FORMAT = 1
+log = logging.getLogger("twostage.index")
+
+STORE_FORMAT = 2  # 1: documents and vectors; 2: + the FTS5 lexical index
 SQL_CHUNK = 500  # keys or ids per "IN (...)" list
 READ_CHUNK = 8192  # rows per chunk when streaming vectors
 
@@ -44,6 +54,24 @@ CREATE TABLE IF NOT EXISTS documents (
 );
 """
 
+# The lexical index (store format 2), one statement each: they run inside a transaction, which executescript
+# would end. External content: FTS5 reads title and text from `documents` when it needs them; the triggers
+# hand it each row's words as the row is written or removed (a 'delete' must be given the indexed values).
+_LEXICAL_SCHEMA = (
+    f"""CREATE VIRTUAL TABLE lexical USING fts5(title, text, content='documents', content_rowid='key',
+        tokenize='{LEXICAL_TOKENIZER}')""",
+    """CREATE TRIGGER documents_lexical_insert AFTER INSERT ON documents BEGIN
+        INSERT INTO lexical(rowid, title, text) VALUES (new.key, new.title, new.text);
+    END""",
+    """CREATE TRIGGER documents_lexical_delete AFTER DELETE ON documents BEGIN
+        INSERT INTO lexical(lexical, rowid, title, text) VALUES ('delete', old.key, old.title, old.text);
+    END""",
+    """CREATE TRIGGER documents_lexical_update AFTER UPDATE ON documents BEGIN
+        INSERT INTO lexical(lexical, rowid, title, text) VALUES ('delete', old.key, old.title, old.text);
+        INSERT INTO lexical(rowid, title, text) VALUES (new.key, new.title, new.text);
+    END""",
+)
+
 T = TypeVar("T")
 
 
@@ -60,7 +88,9 @@ class DocumentStore:
     """documents.sqlite3: reads on per-thread connections, writes on `writer` inside a transaction the caller
     opens (BEGIN IMMEDIATE) and ends."""
 
-    def __init__(self, path: Path, dimension: int, metric: str, *, create: bool):
+    def __init__(self, path: Path, dimension: int, metric: str, *, writable: bool):
+        """Open the store at `path`; `writable`: create it when empty and upgrade an older format in place
+        (a read-only opener refuses both)."""
         self.path = path
         self.dimension = dimension
         self._local = threading.local()
@@ -72,21 +102,46 @@ class DocumentStore:
         self.writer.executescript(_SCHEMA)
         meta = dict(self.writer.execute("SELECT name, value FROM meta").fetchall())
         if not meta:
-            if not create:
+            if not writable:
                 raise FailedPrecondition(f"{path} holds no index")
             with self.transaction():
+                for statement in _LEXICAL_SCHEMA:
+                    self.writer.execute(statement)
                 self.writer.executemany("INSERT INTO meta(name, value) VALUES (?, ?)", [
                     ("format", str(STORE_FORMAT)), ("dimension", str(dimension)),
                     ("metric", metric), ("seq", "0")])
             return
-        if int(meta.get("format", -1)) != STORE_FORMAT:
-            raise FailedPrecondition(f"{path}: store format {meta.get('format')} is not {STORE_FORMAT}")
+        stored_format = meta.get("format")
+        if stored_format == "1":
+            if not writable:
+                raise FailedPrecondition(
+                    f"index {path.parent} was built before the lexical index was added (store format 1) and is "
+                    f"open read-only (index_view), so it cannot be upgraded; open it once without index_view "
+                    f"(e.g. `twostage serve` without --index-view), which adds the lexical index in place and "
+                    f"keeps every document, or rebuild it with `twostage index build --corpus ... "
+                    f"--index {path.parent}`")
+            self._upgrade()
+        elif stored_format != str(STORE_FORMAT):
+            raise FailedPrecondition(f"{path}: store format {stored_format} is not {STORE_FORMAT}")
         stored = (int(meta["dimension"]), meta["metric"])
         if stored != (dimension, metric):
             raise FailedPrecondition(
                 f"index {path.parent} was built with dimension {stored[0]} and metric {stored[1]!r}, "
                 f"but dimension {dimension} and metric {metric!r} were asked for (different bi-encoder "
                 f"or index_metric); rebuild it with `twostage index build` or use another index directory")
+
+    def _upgrade(self) -> None:
+        """Store format 1 -> 2: create the lexical index and fill it from the stored documents, in one
+        transaction (a crash leaves format 1, and the next writable open upgrades again)."""
+        started = time.monotonic()
+        with self.transaction():
+            for statement in _LEXICAL_SCHEMA:
+                self.writer.execute(statement)
+            self.writer.execute("INSERT INTO lexical(lexical) VALUES ('rebuild')")
+            self.writer.execute("UPDATE meta SET value = ? WHERE name = 'format'", (str(STORE_FORMAT),))
+            count = self.writer.execute("SELECT count(*) FROM documents").fetchone()[0]
+        log.warning("index %s: upgraded store format 1 -> %d: built the lexical index over %d documents in %.1f s",
+                    self.path.parent, STORE_FORMAT, count, time.monotonic() - started)
 
     def _connect(self) -> sqlite3.Connection:
         conn = sqlite3.connect(self.path, isolation_level=None, check_same_thread=False, timeout=30.0)
@@ -189,6 +244,38 @@ class DocumentStore:
                 yield rows
         finally:
             cur.close()
+
+    def lexical_top(self, match: str, k: int) -> list[tuple[str, float]]:
+        """(id, score) of the k documents that score best by BM25 for the FTS5 expression `match`, best first;
+        score = -bm25() (FTS5's bm25() is negative, lower is better), ties broken by key. One statement, so
+        one read snapshot: every id returned has its row in that snapshot."""
+        return self.reader().execute(
+            "SELECT d.id, r.score FROM (SELECT rowid AS key, -bm25(lexical) AS score FROM lexical "
+            "WHERE lexical MATCH ? ORDER BY bm25(lexical), rowid LIMIT ?) AS r "
+            "JOIN documents AS d ON d.key = r.key ORDER BY r.score DESC, r.key", (match, k)).fetchall()
+
+    def lexical_scan(self, match: str, condition: str, params: Sequence[object],
+                     chunk: int = SQL_CHUNK) -> Generator[list[tuple[str, str, float]], None, None]:
+        """Chunks of (id, metadata JSON, score) of every document that matches `match` and whose row satisfies
+        `condition`, best BM25 score first (as `lexical_top`); stop early by closing the iterator."""
+        cur = self.reader().execute(
+            "SELECT d.id, d.metadata, -bm25(lexical) FROM lexical JOIN documents AS d ON d.key = lexical.rowid "
+            f"WHERE lexical MATCH ? AND ({condition}) ORDER BY bm25(lexical), d.key", [match, *params])
+        try:
+            while rows := cur.fetchmany(chunk):
+                yield rows
+        finally:
+            cur.close()
+
+    def lexical_in_step(self) -> bool:
+        """Whether the lexical index holds exactly the words of the stored titles and texts (FTS5's
+        integrity check against its content table; reads everything). Runs on `writer` (the check is spelled as
+        an INSERT, which the read-only connections refuse); the caller keeps other writers out."""
+        try:
+            self.writer.execute("INSERT INTO lexical(lexical, rank) VALUES ('integrity-check', 1)")
+        except sqlite3.DatabaseError:
+            return False
+        return True
 
     def get(self, ids: Sequence[str]) -> dict[str, StoredDoc]:
         out: dict[str, StoredDoc] = {}
