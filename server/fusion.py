@@ -127,3 +127,19 @@ def rerank_fused(ce_scores: Sequence[float] | np.ndarray, stage1_scores: Sequenc
     if weight == 1.0:
         return ce
     return weight * min_max(ce) + (1.0 - weight) * min_max(stage1_scores)
+
+
+# Query-adaptive cross-encoder weight: w = ADAPTIVE_LOW + (ADAPTIVE_HIGH - ADAPTIVE_LOW) * (top normalized
+# cross-encoder score over the reranked candidates). A cross-encoder in its element gives its best candidate a
+# high score and is trusted more; out of its element its scores stay low and flat and stage 1 keeps more say.
+ADAPTIVE_LOW = 0.5
+ADAPTIVE_HIGH = 0.9
+
+
+def adaptive_rerank_weight(ce_normalized: Sequence[float] | np.ndarray) -> float:
+    """The cross-encoder weight for one query from its normalized (sigmoid) scores over the reranked hits."""
+    scores = np.asarray(ce_normalized, dtype=np.float64)
+    if scores.size == 0:
+        return ADAPTIVE_LOW
+    top = float(np.clip(scores.max(), 0.0, 1.0))
+    return ADAPTIVE_LOW + (ADAPTIVE_HIGH - ADAPTIVE_LOW) * top

@@ -79,7 +79,7 @@ class StageTiming(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., tokenize_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., batches: _Optional[int] = ..., items: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class Timing(_message.Message):
-    __slots__ = ("total_ms", "queue_ms", "tokenize_ms", "inference_ms", "embed", "ann_ms", "rerank", "store_ms")
+    __slots__ = ("total_ms", "queue_ms", "tokenize_ms", "inference_ms", "embed", "ann_ms", "rerank", "store_ms", "lexical_ms")
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     TOKENIZE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -88,6 +88,7 @@ class Timing(_message.Message):
     ANN_MS_FIELD_NUMBER: _ClassVar[int]
     RERANK_FIELD_NUMBER: _ClassVar[int]
     STORE_MS_FIELD_NUMBER: _ClassVar[int]
+    LEXICAL_MS_FIELD_NUMBER: _ClassVar[int]
     total_ms: float
     queue_ms: float
     tokenize_ms: float
@@ -96,7 +97,8 @@ class Timing(_message.Message):
     ann_ms: float
     rerank: StageTiming
     store_ms: float
-    def __init__(self, total_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., tokenize_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., embed: _Optional[_Union[StageTiming, _Mapping]] = ..., ann_ms: _Optional[float] = ..., rerank: _Optional[_Union[StageTiming, _Mapping]] = ..., store_ms: _Optional[float] = ...) -> None: ...
+    lexical_ms: float
+    def __init__(self, total_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., tokenize_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., embed: _Optional[_Union[StageTiming, _Mapping]] = ..., ann_ms: _Optional[float] = ..., rerank: _Optional[_Union[StageTiming, _Mapping]] = ..., store_ms: _Optional[float] = ..., lexical_ms: _Optional[float] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
     __slots__ = ("query", "top_k", "candidates", "skip_rerank", "filter", "ids_only", "rerank_budget_ms", "raw_scores", "max_query_tokens", "max_document_tokens", "expansion_search", "retrieval_mode", "fusion", "fusion_weight", "rerank_weight", "latency_budget_ms")
