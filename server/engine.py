@@ -76,6 +76,7 @@ class Hit:
     lexical_score: float | None = None    # None: not in the lexical list
     lexical_rank: int | None = None
     rerank_normalized: float = 0.0        # the cross-encoder's normalized score, whatever score_kind says
+    rerank_raw: float = 0.0               # and its raw score (logit)
 
 
 @dataclass
@@ -407,7 +408,7 @@ class Engine:
         done = hits[:n_reranked]
         ce = np.array([h.rerank_normalized for h in done])
         if weight < 0:
-            weight = fusion.adaptive_rerank_weight(ce)
+            weight = fusion.adaptive_rerank_weight([h.rerank_raw for h in done])
         if weight >= 1.0:
             for h in done:
                 h.score = h.rerank_score
@@ -447,6 +448,7 @@ class Engine:
             for h, r, n in zip(hits[lo:hi], d.raw, d.normalized):
                 h.rerank_score = float(r if raw else n)
                 h.rerank_normalized = float(n)
+                h.rerank_raw = float(r)
                 h.reranked = True
             done = hi
         return done

@@ -129,17 +129,20 @@ def rerank_fused(ce_scores: Sequence[float] | np.ndarray, stage1_scores: Sequenc
     return weight * min_max(ce) + (1.0 - weight) * min_max(stage1_scores)
 
 
-# Query-adaptive cross-encoder weight: w = ADAPTIVE_LOW + (ADAPTIVE_HIGH - ADAPTIVE_LOW) * (top normalized
-# cross-encoder score over the reranked candidates). A cross-encoder in its element gives its best candidate a
-# high score and is trusted more; out of its element its scores stay low and flat and stage 1 keeps more say.
-ADAPTIVE_LOW = 0.5
+# Query-adaptive cross-encoder weight. A cross-encoder in its element gives its best candidate a high raw score
+# (logit) and deserves the say; out of its element its scores stay low and flat and stage 1 keeps more say:
+#   w = ADAPTIVE_LOW + (ADAPTIVE_HIGH - ADAPTIVE_LOW) * clip((top logit - LOGIT_FROM) / (LOGIT_TO - LOGIT_FROM), 0, 1)
+# The constants were chosen on SciFact's train split; docs/benchmarks.md#hybrid-retrieval has the figures.
+ADAPTIVE_LOW = 0.4
 ADAPTIVE_HIGH = 0.9
+LOGIT_FROM = 5.0
+LOGIT_TO = 7.0
 
 
-def adaptive_rerank_weight(ce_normalized: Sequence[float] | np.ndarray) -> float:
-    """The cross-encoder weight for one query from its normalized (sigmoid) scores over the reranked hits."""
-    scores = np.asarray(ce_normalized, dtype=np.float64)
+def adaptive_rerank_weight(ce_raw: Sequence[float] | np.ndarray) -> float:
+    """The cross-encoder weight for one query from its raw scores (logits) over the reranked hits."""
+    scores = np.asarray(ce_raw, dtype=np.float64)
     if scores.size == 0:
         return ADAPTIVE_LOW
-    top = float(np.clip(scores.max(), 0.0, 1.0))
-    return ADAPTIVE_LOW + (ADAPTIVE_HIGH - ADAPTIVE_LOW) * top
+    trust = float(np.clip((scores.max() - LOGIT_FROM) / (LOGIT_TO - LOGIT_FROM), 0.0, 1.0))
+    return ADAPTIVE_LOW + (ADAPTIVE_HIGH - ADAPTIVE_LOW) * trust
