@@ -239,7 +239,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=_non_negative, default=0,
                         help="hits to return (default: 0 = the server's default, 10 unless configured)")
     parser.add_argument("--candidates", type=_non_negative, default=0,
-                        help="stage-1 candidates to retrieve and rerank (default: 0 = the server's default, 100)")
+                        help="stage-1 candidates to retrieve and rerank (default: 0 = the server's default, 20)")
     parser.add_argument("--skip-rerank", action="store_true",
                         help="stage 1 only: rank by bi-encoder similarity, no cross-encoder (default: rerank)")
     parser.add_argument("--filter", type=_json_object, default=None, metavar="JSON",

@@ -81,7 +81,7 @@ class Config:
     max_candidates: int = knob(1000, "largest Search candidates")
     # -- defaults for fields left at 0
     default_top_k: int = knob(10, "Search top_k when 0")
-    default_candidates: int = knob(100, "Search candidates when 0")
+    default_candidates: int = knob(20, "Search candidates (stage-1 hits reranked) when 0")
     default_chunk_overlap_tokens: int = knob(32, "Rerank chunk_overlap_tokens when 0 (long-document mode)")
     filter_overfetch: int = knob(4, "with a metadata filter, fetch this many times more candidates per round")
     # -- retrieval and fusion (docs/benchmarks.md#hybrid-retrieval has the measurements behind the defaults)

@@ -132,11 +132,12 @@ def rerank_fused(ce_scores: Sequence[float] | np.ndarray, stage1_scores: Sequenc
 # Query-adaptive cross-encoder weight. A cross-encoder in its element gives its best candidate a high raw score
 # (logit) and deserves the say; out of its element its scores stay low and flat and stage 1 keeps more say:
 #   w = ADAPTIVE_LOW + (ADAPTIVE_HIGH - ADAPTIVE_LOW) * clip((top logit - LOGIT_FROM) / (LOGIT_TO - LOGIT_FROM), 0, 1)
-# The constants were chosen on SciFact's train split; docs/benchmarks.md#hybrid-retrieval has the figures.
+# The constants fit ms-marco-MiniLM-L-12-v2's logit scale (docs/benchmarks.md#hybrid-retrieval has the figures and
+# how they were chosen); another cross-encoder needs its own, which `twostage evaluate --tune` measures.
 ADAPTIVE_LOW = 0.4
-ADAPTIVE_HIGH = 0.9
-LOGIT_FROM = 5.0
-LOGIT_TO = 7.0
+ADAPTIVE_HIGH = 1.0
+LOGIT_FROM = 6.0
+LOGIT_TO = 8.0
 
 
 def adaptive_rerank_weight(ce_raw: Sequence[float] | np.ndarray) -> float:
