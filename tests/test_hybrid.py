@@ -10,14 +10,13 @@ from twostage.v1 import twostage_pb2 as pb
 
 pytestmark = pytest.mark.slow
 
-# Error-code documents that read alike: only the exact code tells them apart.
-CODES = ["7Q9Z", "3K2M", "8W1P", "5T6R", "2H4J", "9L0X"]
-CAUSES = ["a blocked drain hose", "a worn door seal", "a failed heating element", "a jammed spray arm",
-          "a loose water inlet valve", "a tripped thermal fuse"]
+# Consignment notes that read alike: only the exact reference tells them apart, and the look-alikes read more like
+# the question than the one asked for (a dense search ranks them first; BM25 matches the reference).
+REFS = ["KX9QZ5", "KX9QZ3", "KX8QZ4", "KX9QY4", "KW9QZ4"]
 CORPUS = [
-    *({"id": f"code-{code}", "title": "Dishwasher service note",
-       "text": f"Error E-{code} on the dishwasher display is caused by {cause}. Switch the machine off before "
-               f"inspecting it."} for code, cause in zip(CODES, CAUSES)),
+    {"id": "ref-KX9QZ4", "title": "", "text": "Consignment KX9QZ4 is held at the northern depot until customs clear it."},
+    *({"id": f"ref-{ref}", "title": "", "text": f"Consignment {ref} is now on its way to the customer and arrives "
+       f"within two days."} for ref in REFS),
     {"id": "cooling", "title": "",
      "text": "Keeping a notebook computer cool: raise its rear edge so air can flow under the chassis, clear dust "
              "from the fan vents, and avoid soft surfaces such as beds and cushions."},
@@ -27,7 +26,8 @@ CORPUS = [
     {"id": "garden", "title": "", "text": "Tomato plants want full sun, steady watering and a sturdy cane."},
     {"id": "tides", "title": "", "text": "Spring tides happen when the sun and the moon line up with the earth."},
 ]
-RARE_QUERY = "what does E-7Q9Z mean"
+RARE_QUERY = "where is consignment KX9QZ4 now"
+RARE_ID = "ref-KX9QZ4"
 PARAPHRASE_QUERY = "how can I prevent my laptop overheating"
 
 
@@ -51,12 +51,12 @@ def ids(response: pb.SearchResponse) -> list[str]:
 
 def test_hybrid_puts_the_rare_term_and_the_paraphrase_first(hybrid_server):
     rare_dense = search(hybrid_server, RARE_QUERY, retrieval_mode=pb.RETRIEVAL_MODE_DENSE, skip_rerank=True)
-    assert ids(rare_dense)[0] != "code-7Q9Z", "the test needs a code the bi-encoder alone does not put first"
+    assert ids(rare_dense)[0] != RARE_ID, "the test needs a code the bi-encoder alone does not put first"
     para_lexical = search(hybrid_server, PARAPHRASE_QUERY, retrieval_mode=pb.RETRIEVAL_MODE_LEXICAL,
                           skip_rerank=True)
     assert "cooling" not in ids(para_lexical), "the paraphrase shares no term with its query"
 
-    for query, expected in ((RARE_QUERY, "code-7Q9Z"), (PARAPHRASE_QUERY, "cooling")):
+    for query, expected in ((RARE_QUERY, RARE_ID), (PARAPHRASE_QUERY, "cooling")):
         stage1 = search(hybrid_server, query, skip_rerank=True)
         assert stage1.retrieval_mode == pb.RETRIEVAL_MODE_HYBRID  # the default
         assert expected in ids(stage1)
@@ -67,7 +67,7 @@ def test_hybrid_puts_the_rare_term_and_the_paraphrase_first(hybrid_server):
 
 def test_lexical_mode_finds_the_exact_code_with_bm25_scores(hybrid_server):
     out = search(hybrid_server, RARE_QUERY, retrieval_mode=pb.RETRIEVAL_MODE_LEXICAL, skip_rerank=True)
-    assert ids(out)[0] == "code-7Q9Z"
+    assert ids(out)[0] == RARE_ID
     top = out.hits[0]
     assert top.lexical_rank == 0 and top.lexical_score > 0 and top.dense_rank == -1
     assert top.retrieval_score == pytest.approx(top.lexical_score)
@@ -76,7 +76,7 @@ def test_lexical_mode_finds_the_exact_code_with_bm25_scores(hybrid_server):
 def test_hybrid_hits_carry_both_lists_scores_and_ranks(hybrid_server):
     out = search(hybrid_server, RARE_QUERY, skip_rerank=True, fusion=pb.FUSION_CONVEX, fusion_weight=0.5)
     top = out.hits[0]
-    assert top.id == "code-7Q9Z"
+    assert top.id == RARE_ID
     assert top.lexical_rank == 0 and top.dense_rank >= 0 and top.dense_score > 0
     for hit in out.hits:
         assert 0.0 <= hit.retrieval_score <= 1.0 + 1e-6
