@@ -314,6 +314,16 @@ def fetch_lists(client: Client, queries: Mapping[str, str], options: Options, ba
     return out
 
 
+def defaults_choice(defaults: Defaults) -> Choice:
+    """The grid point of the server's defaults (Info reports weights as 32-bit floats: rounded back here)."""
+    hybrid = defaults.retrieval_mode == "hybrid"
+    convex = hybrid and defaults.fusion == "convex"
+    stage1 = Stage1(defaults.retrieval_mode, defaults.fusion if hybrid else "",
+                    round(defaults.fusion_weight, 6) if convex else None)
+    weight = ADAPTIVE if defaults.rerank_weight < 0 else round(defaults.rerank_weight, 6)
+    return Choice(stage1, defaults.candidates, weight)
+
+
 @dataclass(frozen=True)
 class Choice:
     """One grid point."""
@@ -408,12 +418,7 @@ def tune(client: Client, queries: Mapping[str, str], qrels: Mapping[str, Mapping
     scores = grid_scores(lists, qrels, options, weights)
     choice, value = best_choice(scores)
     by_choice = dict(scores)
-    baseline = None
-    default_stage1 = Stage1(defaults.retrieval_mode, defaults.fusion if defaults.retrieval_mode == "hybrid" else "",
-                            defaults.fusion_weight if defaults.retrieval_mode == "hybrid" else None)
-    default_choice = Choice(default_stage1, defaults.candidates, defaults.rerank_weight)
-    if default_stage1 in stage1_grid(options) and default_choice in by_choice:
-        baseline = by_choice[default_choice]
+    baseline = by_choice.get(defaults_choice(defaults))  # None when the grid does not hold the server's defaults
     if choice.rerank_weight == 0.0:
         notes.append("the cross-encoder does not help on these queries (weight 0 chosen): consider skip_rerank")
     return {
@@ -440,10 +445,15 @@ def tuned_settings(chosen: Mapping[str, str | float | int]) -> list[Setting]:
                     rerank_weight=None if rerank_weight < 0 else rerank_weight, tuned=True)]
 
 
-def config_toml(chosen: Mapping[str, str | float | int], comment: Sequence[str]) -> str:
-    """The chosen knobs as a TOML file for `twostage serve --config` (keys are server/config.py names)."""
-    lines = [f"# {line}" for line in comment]
-    for key, value in chosen.items():
+def config_toml(report: Mapping[str, JsonValue]) -> str:
+    """A tuned report's chosen knobs as a TOML file for `twostage serve --config` (keys are server/config.py
+    names), with where they come from in comments."""
+    t, ds = report["tune"], report["dataset"]
+    lines = [f"# written by `twostage evaluate --tune` on {ds['folder']} ({t['chosen_from']}, {t['queries']} queries)",
+             (f"# nDCG@{NDCG_K}: {t[f'ndcg@{NDCG_K}']:.4f} on the tuning queries, {t[f'held_out_ndcg@{NDCG_K}']:.4f} "
+              f"on {ds['queries']} held-out queries of split {ds['split']!r} through Search"),
+             "# rerank_weight < 0 selects the query-adaptive cross-encoder weight"]
+    for key, value in t["chosen"].items():
         lines.append(f"{key} = {json.dumps(value)}")  # a JSON string, int or float is also TOML
     return "\n".join(lines) + "\n"
 
@@ -478,7 +488,7 @@ def run_evaluation(client: Client, split: Split, options: Options, stream: TextI
     result["rows"] = rows
     if options.tune:
         tuned_rerank = next(r for r in rows if r["tuned"] and r["rerank"])
-        result["tune"]["held_out_ndcg@10"] = tuned_rerank[f"ndcg@{NDCG_K}"]
+        result["tune"][f"held_out_ndcg@{NDCG_K}"] = tuned_rerank[f"ndcg@{NDCG_K}"]
     return result
 
 
@@ -502,7 +512,8 @@ def report_table(report: Mapping[str, JsonValue]) -> str:
         c, s = r["latency_ms"]["client"], r["latency_ms"]["server"]
         rows.append([r["label"], _figure(r[f"ndcg@{NDCG_K}"]), _figure(r[f"recall@{DEPTH}"]), _ms(c["p50"]),
                      _ms(c["p90"]), _ms(c["p99"]), _ms(s["p50"]), _ms(s["p90"]), _ms(s["p99"]),
-                     f"{r['reranked_mean']:.0f}" + (f" (cut {r['budget_limited']:.0%})" if r["budget_limited"] else "")])
+                     f"{r['reranked_mean']:.0f}" + (f" (cut {r['budget_limited']:.0%})" if r["budget_limited"]
+                                                    else "")])
     lines = [(f"{ds['folder']} split {ds['split']}: {ds['queries']} queries, {report['server']['documents']} "
               "documents; latency in ms, one query at a time"),
              format_table(headers, rows, right=headers[1:])]
@@ -513,7 +524,7 @@ def report_table(report: Mapping[str, JsonValue]) -> str:
         lines.append(f"tuned on {t['queries']} other queries ({t['chosen_from']}): {chosen}")
         lines.append(f"  nDCG@{NDCG_K} on the tuning queries {t[f'ndcg@{NDCG_K}']:.4f}"
                      + (f" (server defaults {base:.4f})" if base is not None else "")
-                     + f"; held out, through Search: {t['held_out_ndcg@10']:.4f}")
+                     + f"; held out, through Search: {t[f'held_out_ndcg@{NDCG_K}']:.4f}")
         lines.extend(f"  note: {n}" for n in t["notes"])
     return "\n".join(lines)
 
@@ -709,11 +720,6 @@ def run(args: argparse.Namespace) -> int:
     elif args.json is not None:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     if args.write_config is not None:
-        t = report["tune"]
-        comment = [f"written by `twostage evaluate --tune` on {split.folder} ({t['chosen_from']}, {t['queries']} queries)",
-                   (f"nDCG@{NDCG_K}: {t[f'ndcg@{NDCG_K}']:.4f} on the tuning queries, {t['held_out_ndcg@10']:.4f} "
-                    f"on {report['dataset']['queries']} held-out queries of split {split.name!r} through Search"),
-                   "rerank_weight < 0 selects the query-adaptive cross-encoder weight"]
-        Path(args.write_config).write_text(config_toml(t["chosen"], comment))
+        Path(args.write_config).write_text(config_toml(report))
         print(f"wrote {args.write_config}", file=sys.stderr)
     return 0
