@@ -664,7 +664,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     tuning.add_argument("--tune-candidates", type=_list(int), default=DEFAULT_CANDIDATES, metavar="N[,N...]",
                         help="candidate counts to try (default: 20,30,50,100)")
     tuning.add_argument("--write-config", type=Path, default=None, metavar="FILE",
-                        help="with --tune: write the chosen settings as a TOML file for `twostage serve --config`")
+                        help="with --tune: write the chosen settings as a TOML file for `twostage serve --config` "
+                             "(default: none)")
     add_connection_arguments(parser, json_flag=False)
     parser.add_argument("--json", default=None, metavar="FILE",
                         help="also write the report as JSON to FILE, '-' for standard output (the table then goes "
