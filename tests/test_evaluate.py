@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import io
 import json
+import math
 import tomllib
 from pathlib import Path
 
@@ -351,3 +352,52 @@ def test_local_ranking_equals_the_servers_search_in_hybrid_mode(client, beir):
     split = load_split(beir, "test")
     assert local_vs_search(client, split, "hybrid", "convex", 0.7) == 100
     assert local_vs_search(client, split, "hybrid", "rrf") == 100
+
+
+class ListServer:
+    """A stand-in server for the hybrid tuning path (no lexical index needed): fixed dense and lexical lists per
+    query and a cross-encoder that scores every document alike, so that stage 1 alone decides. The judged
+    document is third in the dense list and second in the lexical one, behind a document the dense list puts
+    last: only a hybrid stage 1 ranks it first."""
+
+    def __init__(self):
+        self.calls: list[tuple[str, str]] = []
+        docs = [f"d{i}" for i in range(30)]
+        self.dense = ["d1", "d2", "rel"] + docs[3:30]
+        self.lexical = ["d29", "rel", "d21"]
+
+    def search(self, query, *, retrieval_mode, top_k, **options):
+        from types import SimpleNamespace as NS
+
+        self.calls.append(("search", retrieval_mode))
+        if retrieval_mode == "dense":
+            hits = [NS(id=d, dense_score=0.9 - 0.01 * r, dense_rank=r) for r, d in enumerate(self.dense[:top_k])]
+        else:
+            scores = [12.0, 11.9, 1.0]
+            hits = [NS(id=d, lexical_score=scores[r], lexical_rank=r) for r, d in enumerate(self.lexical[:top_k])]
+        return NS(hits=hits)
+
+    def rerank(self, query, *, document_ids):
+        from types import SimpleNamespace as NS
+
+        self.calls.append(("rerank", ",".join(document_ids)))
+        return NS(budget_limited=False, results=[NS(index=i, score=0.5) for i in range(len(document_ids))])
+
+
+def test_hybrid_tuning_fetches_two_lists_and_one_rerank_per_query_and_picks_hybrid():
+    server = ListServer()
+    options = ev.Options(tune=True, tune_candidates=(5, 10), tune_rerank_weights=(0.0, 1.0), progress=False)
+    qrels = {"a": {"rel": 1}, "b": {"rel": 2}}
+    defaults = Defaults(candidates=10, retrieval_mode="hybrid", fusion="convex", fusion_weight=0.5, rerank_weight=-1)
+    result = ev.tune(server, {"a": "first", "b": "second"}, qrels, options, defaults, 1000, io.StringIO())
+    assert [c[0] for c in server.calls] == ["search", "search", "rerank"] * 2
+    assert {c[1] for c in server.calls if c[0] == "search"} == {"dense", "lexical"}
+    reranked = set(server.calls[2][1].split(","))
+    assert reranked == set(server.dense[:10]) | set(server.lexical)  # every candidate any grid point reranks
+    assert len(result["grid"]) == (1 + 1 + 6 + 1) * 2 * 2  # dense, lexical, convex x 6 weights, rrf
+    chosen = result["chosen"]
+    assert chosen["retrieval_mode"] == "hybrid" and chosen["default_candidates"] == 5
+    assert result["ndcg@10"] == pytest.approx(1.0)
+    best = {label: max(g["ndcg@10"] for g in result["grid"] if g["stage1"] == label) for label in ("dense", "lexical")}
+    assert best == {"dense": pytest.approx(0.5), "lexical": pytest.approx(1 / math.log2(3))}  # third, second place
+    assert result["server_defaults_ndcg@10"] is None  # 10 candidates with the adaptive rule: not in this grid
