@@ -7,7 +7,6 @@ at run time, and result files hold only ids, counts and figures.
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import os
 import platform
@@ -26,6 +25,7 @@ import numpy as np
 import onnxruntime  # noqa: F401  - load before usearch: `import usearch.index` then `import onnxruntime`,
 #                      with nothing else loaded first, crashes the interpreter with this venv's wheels
 
+from twostage.client.beir import read_qrels, read_queries  # the BEIR reader `twostage evaluate` uses
 from twostage.model.session import available_cpus  # the server's count: affinity mask and cgroup quota
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -107,17 +107,6 @@ def read_jsonl(path: Path) -> Iterable[dict[str, Any]]:
                 yield json.loads(line)
 
 
-def read_qrels(path: Path) -> dict[str, dict[str, int]]:
-    qrels: dict[str, dict[str, int]] = {}
-    with open(path, encoding="utf-8", newline="") as fh:
-        rows = csv.reader(fh, delimiter="\t")
-        for row in rows:
-            if not row or row[0] == "query-id":
-                continue
-            qrels.setdefault(row[0], {})[row[1]] = int(float(row[2]))
-    return qrels
-
-
 def load_dataset(data_dir: Path, name: str, split: str = "test") -> Dataset:
     """Read `<data_dir>/<name>/{corpus.jsonl, queries.jsonl, qrels/<split>.tsv}`."""
     root = Path(data_dir) / name
@@ -125,7 +114,7 @@ def load_dataset(data_dir: Path, name: str, split: str = "test") -> Dataset:
         if not (root / needed).is_file():
             raise SystemExit(f"dataset file not found: {root / needed} (pass --data DIR holding {name}/)")
     corpus = {str(d["_id"]): (str(d.get("title") or ""), str(d.get("text") or "")) for d in read_jsonl(root / "corpus.jsonl")}
-    queries = {str(q["_id"]): str(q["text"]) for q in read_jsonl(root / "queries.jsonl")}
+    queries = read_queries(root / "queries.jsonl")
     qrels_path = root / "qrels" / f"{split}.tsv"
     qrels = read_qrels(qrels_path) if qrels_path.is_file() else {}
     if qrels:  # BEIR ships all queries of all splits in one file; keep the judged split's queries

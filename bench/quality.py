@@ -35,8 +35,8 @@ from typing import Any
 
 from bench.common import (Dataset, ServerProcess, base_parser, document_text, finish_common_args, format_table,
                           load_dataset, resolve_threads, save_result, server_threads)
-from bench.ir_metrics import evaluate
 from bench.prepare import corpus_index, fp32_cross_encoder_set, fp32_model_set
+from twostage.client.ir_metrics import evaluate_run
 
 DEPTH = 100
 TWO_STAGE_INT8 = "two-stage (int8 bi-encoder + int8 cross-encoder)"
@@ -188,14 +188,15 @@ def run_dataset(args: argparse.Namespace, name: str, threads: int) -> dict[str, 
         for s in servers.values():
             s.stop()
         shutil.rmtree(work, ignore_errors=True)
-    methods = {m: evaluate(run, ds.qrels, queries, 10, DEPTH) for m, run in runs.items() if m != TWO_STAGE_CE_FP32}
+    methods = {m: evaluate_run(run, ds.qrels, queries, 10, DEPTH) for m, run in runs.items()
+               if m != TWO_STAGE_CE_FP32}
     if TWO_STAGE_CE_FP32 in runs:  # on its first queries only, beside the int8 cross-encoder on the same queries
         subset = [q for q in queries if q in runs[TWO_STAGE_CE_FP32]]
         facts["fp32_cross_encoder_queries"] = len(subset)
-        methods[f"{TWO_STAGE_INT8}, first {len(subset)} queries"] = evaluate(runs[TWO_STAGE_INT8], ds.qrels, subset,
-                                                                            10, DEPTH)
-        methods[f"{TWO_STAGE_CE_FP32}, first {len(subset)} queries"] = evaluate(runs[TWO_STAGE_CE_FP32], ds.qrels,
-                                                                               subset, 10, DEPTH)
+        methods[f"{TWO_STAGE_INT8}, first {len(subset)} queries"] = evaluate_run(runs[TWO_STAGE_INT8], ds.qrels,
+                                                                                subset, 10, DEPTH)
+        methods[f"{TWO_STAGE_CE_FP32}, first {len(subset)} queries"] = evaluate_run(runs[TWO_STAGE_CE_FP32],
+                                                                                   ds.qrels, subset, 10, DEPTH)
     return {"dataset": name, "facts": facts, "methods": methods, "reference": REFERENCE.get(name, {})}
 
 

@@ -2,7 +2,8 @@
 
 Layout: `types` (the results and options, plain dataclasses), `convert` (them to and from protobuf),
 `channel` (target, TLS, retry and load-balancing settings of the gRPC channel), `client` (Client and
-AsyncClient), `cli` / `output` (the command line), `demo`.
+AsyncClient), `cli` / `output` / `progress` (the command line), `demo`, `evaluate` (`twostage evaluate`) with
+`beir` (reading BEIR-layout folders) and `ir_metrics` (nDCG, recall; also used by bench/).
 
 The client names below are imported on first use, so that `twostage --help` (which imports this
 package) does not pay for loading gRPC and protobuf.

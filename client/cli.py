@@ -6,6 +6,7 @@
     twostage search        search a running server
     twostage rerank        rerank texts or stored documents on a running server
     twostage info          models, limits and index state of a running server
+    twostage evaluate      quality and latency of each mode and of reranking on judged queries; --tune
     twostage demo          export, index, serve and compare, from nothing
 
 Only the chosen subcommand's module is imported (and only its options are built), so `twostage --help`
@@ -50,6 +51,9 @@ COMMANDS = (
             "twostage.client.cli", "add_rerank_arguments", "run_rerank"),
     Command("info", "show the models, limits, batching and index state of a running server",
             "twostage.client.cli", "add_info_arguments", "run_info"),
+    Command("evaluate", "measure nDCG@10, recall@100 and latency of each retrieval mode and of reranking on a "
+            "BEIR-layout folder of judged queries; --tune chooses the settings and writes a server config",
+            "twostage.client.evaluate", "add_arguments", "run"),
     Command("demo", "export the packaged models, index the sample corpus, serve it and compare bi-encoder-only "
             "with reranked results", "twostage.client.demo", "add_arguments", "run"),
 )
@@ -170,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
 # ----------------------------------------------------------------------------- client subcommands
 
 
-def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
-    """--target, --api-key, TLS and deadline options shared by search, rerank and info."""
+def add_connection_arguments(parser: argparse.ArgumentParser, json_flag: bool = True) -> None:
+    """--target, --api-key, TLS and deadline options shared by search, rerank, info and evaluate; `json_flag` adds
+    --json (print the result as JSON)."""
     group = parser.add_argument_group("connection")
     group.add_argument("--target", default=os.environ.get("TWOSTAGE_TARGET", DEFAULT_TARGET),
                        help="server address host:port; replicas as IP:PORT,IP:PORT,... or dns:///NAME:PORT (every "
@@ -194,9 +199,10 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--max-attempts", type=int, default=4, choices=range(1, 6), metavar="{1..5}",
                        help="attempts when the server is UNAVAILABLE, with jittered exponential backoff, done by "
                             "gRPC (default: 4)")
-    parser.add_argument("--json", action="store_true",
-                        help="print the result as JSON, leaving out fields the server left empty (default: a table; "
-                             "ranks count from 0 in both)")
+    if json_flag:
+        parser.add_argument("--json", action="store_true",
+                            help="print the result as JSON, leaving out fields the server left empty (default: a "
+                                 "table; ranks count from 0 in both)")
 
 
 def client_from_args(args: argparse.Namespace) -> Client:

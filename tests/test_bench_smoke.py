@@ -1,11 +1,10 @@
-"""Smoke runs of every benchmark (`--quick`) on a tiny model set and tiny datasets written here, plus the quality
-measures the benchmarks compute. No timing assertions: these check that each script runs end to end through the
-real server and writes a result file of the documented shape with sane values."""
+"""Smoke runs of every benchmark (`--quick`) on a tiny model set and tiny datasets written here (the quality
+measures they compute are tested in test_ir_metrics.py). No timing assertions: these check that each script runs
+end to end through the real server and writes a result file of the documented shape with sane values."""
 from __future__ import annotations
 
 import importlib.util
 import json
-import math
 import os
 import subprocess
 import sys
@@ -20,7 +19,6 @@ from twostage.export.manifest import write_manifest
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from bench.ir_metrics import evaluate, ndcg_at_k, recall_at_k  # noqa: E402
 from bench.reference_models import infer_bert_shape, pair_ops  # noqa: E402
 
 pytestmark = pytest.mark.slow
@@ -50,26 +48,7 @@ VOCAB = SPECIALS + LETTERS + ["##" + c for c in LETTERS] + sorted(
 MAX_POSITIONS = 128
 
 
-# ------------------------------------------------------------------------------------------- metrics
-def test_ndcg_matches_a_hand_computed_value():
-    judged = {"a": 3, "b": 1, "c": 2}
-    # ranking b, x, a: gains 1, 0, 3 -> DCG = 1/log2(2) + 3/log2(4) = 2.5; ideal 3, 2, 1 -> 3 + 2/log2(3) + 1/2
-    ideal = 3 + 2 / math.log2(3) + 0.5
-    assert ndcg_at_k(["b", "x", "a"], judged, k=10) == pytest.approx(2.5 / ideal)
-    assert ndcg_at_k(["a", "c", "b"], judged, k=10) == pytest.approx(1.0)
-    assert ndcg_at_k(["a", "a", "a"], judged, k=10) == pytest.approx(3 / ideal)  # repeats earn nothing
-    assert ndcg_at_k(["x"], {"x": 0}, k=10) == 0.0
-
-
-def test_recall_and_evaluate_average_over_queries():
-    qrels = {"q1": {"a": 1, "b": 2, "z": 0}, "q2": {"c": 1}}
-    assert recall_at_k(["a", "y"], qrels["q1"], k=100) == 0.5
-    assert recall_at_k(["y", "c"], qrels["q2"], k=1) == 0.0
-    out = evaluate({"q1": ["a", "b"], "q2": []}, qrels, ["q1", "q2"], ndcg_k=10, recall_k=100)
-    assert out["recall@100"] == pytest.approx(0.5) and out["queries"] == 2
-    assert out["ndcg@10"] == pytest.approx((ndcg_at_k(["a", "b"], qrels["q1"]) + 0.0) / 2)
-
-
+# --------------------------------------------------------------------------- reference model arithmetic
 def test_pair_ops_counts_weights_per_token_and_attention_per_square():
     from bench.reference_models import BertShape
 
@@ -261,6 +240,19 @@ def test_quality_bench(tiny):
         assert m["two-stage (int8 bi-encoder + int8 cross-encoder)"]["recall@100"] == pytest.approx(1.0)
         assert d["facts"]["search_vs_rerank_max_abs_score_diff"] < 0.05
     assert by_name["scifact"]["reference"]["all-MiniLM-L6-v2 ndcg@10 (MTEB)"] == 0.645
+
+
+def test_hybrid_bench(tiny):
+    data = run_bench("hybrid", tiny, "--modes", "dense", "--rerank-mode", "dense", "--tune")
+    by_name = {d["dataset"]["name"]: d for d in data["datasets"]}
+    assert set(by_name) == {"scifact", "trec-dl-2019-subset"}
+    for d in by_name.values():
+        rows = d["rows"]
+        assert [r["label"].split(" ")[0] for r in rows] == ["dense", "dense", "tuned:", "tuned:"]
+        for r in rows:
+            assert between(r["ndcg@10"]) and r["queries"] == d["dataset"]["queries"]
+        assert rows[0]["recall@100"] == pytest.approx(1.0)  # 40 documents, all in the first 100
+        assert not set(d["tune"]["query_ids"]) & set(d["dataset"]["query_ids"])
 
 
 def test_memory_bench(tiny):

@@ -116,12 +116,12 @@ def test_top_level_help_lists_commands_without_importing_heavy_modules():
               "               or m.startswith(('twostage.server', 'twostage.export', 'twostage.client.client')))\n"
               "print('HEAVY', heavy)")
     out = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, check=True).stdout
-    for command in ("export", "index", "serve", "search", "rerank", "info", "demo"):
+    for command in ("export", "index", "serve", "search", "rerank", "info", "evaluate", "demo"):
         assert f"    {command} " in out
     assert "HEAVY []" in out
 
 
-@pytest.mark.parametrize("command", ["search", "rerank", "info", "demo"])
+@pytest.mark.parametrize("command", ["search", "rerank", "info", "evaluate", "demo"])
 def test_every_option_of_client_commands_states_its_default(command):
     parser = cli.build_parser([command])
     sub = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices[command]
@@ -132,7 +132,7 @@ def test_every_option_of_client_commands_states_its_default(command):
 
 
 @pytest.mark.parametrize("argv", [["export", "--help"], ["serve", "--help"], ["index", "build", "--help"],
-                                  ["search", "--help"], ["demo", "--help"]])
+                                  ["search", "--help"], ["evaluate", "--help"], ["demo", "--help"]])
 def test_subcommand_help_exits_cleanly(argv, capsys):
     with pytest.raises(SystemExit) as exited:
         cli.main(argv)
