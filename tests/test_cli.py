@@ -186,7 +186,7 @@ def test_search_table_and_target_from_env(fake, capsys, monkeypatch):
     lines = out.splitlines()
     assert lines[0].split() == ["rank", "id", "score", "rerank", "retrieval", "retrieval_rank", "text"]
     assert "doc-1" in lines[2] and "the first document" in lines[2]
-    assert "1 hits from 100 candidates, 0 reranked (scores: similarity; ranks count from 0" in out
+    assert "1 hits from 100 candidates (0 reranked; scores: similarity; ranks count from 0" in out
     assert fake.service.requests[0][1].skip_rerank
     assert fake.service.requests[0][2]["authorization"] == "Bearer flag-key"
 
@@ -225,7 +225,7 @@ def test_json_leaves_out_what_was_not_asked_for(fake, capsys):
     code, out, _ = run_cli(["rerank", "q", "--target", fake.target, "--doc", "one", "--doc", "three", "--json"],
                            capsys)
     results = json.loads(out)["results"]
-    assert [sorted(r) for r in results] == [["best_chunk", "chunks", "index", "score", "truncated"]] * 2
+    assert [sorted(r) for r in results] == [["best_chunk", "chunks", "index", "score", "scored", "truncated"]] * 2
 
 
 def test_several_targets_and_their_refusals(fake, capsys):

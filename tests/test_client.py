@@ -222,7 +222,9 @@ def test_embed_upsert_delete_info(fake):
     assert info.bi_encoder.providers == ("CPUExecutionProvider",) and info.bi_encoder.dimension == 384
     assert info.cross_encoder.max_length == 512 and info.defaults.candidates == 100
     assert info.index.size == 200 and info.limits.max_top_k == 1000 and info.embed_batching.max_delay_ms == 2.0
-    assert to_jsonable(info)["defaults"] == {"top_k": 10, "candidates": 100, "chunk_overlap_tokens": 32}
+    assert to_jsonable(info)["defaults"] == {"top_k": 10, "candidates": 100, "chunk_overlap_tokens": 32,
+                                             "latency_budget_ms": 0, "retrieval_mode": "", "fusion": "",
+                                             "fusion_weight": 0.0, "rerank_weight": 0.0}
 
 
 def test_upsert_rejects_unknown_document_keys():

@@ -51,6 +51,10 @@ class Recording:
             self.after_search(found)
         return found
 
+    def lexical_search(self, text: str, k: int, *, filter: Filter | None = None) -> Candidates:
+        self.calls.append("lexical_search")
+        return self.inner.lexical_search(text, k, filter=filter)
+
     def get(self, ids: Sequence[str]) -> dict[str, StoredDoc]:
         self.calls.append("get")
         return self.inner.get(ids)
@@ -93,7 +97,9 @@ def test_a_search_fetches_its_documents_with_one_get(server):
                           (pb.SearchRequest(query="coffee", top_k=3, filter={"none": "x"}), 0)):  # nothing found
         index.calls.clear()
         response = stub.Search(request, timeout=30)
-        assert index.calls == ["search"] + ["get"] * gets, request
+        searches = sorted(c for c in index.calls if c != "get")  # hybrid (the default): both lists, in any order
+        assert searches == ["lexical_search", "search"] and index.calls[-gets or len(index.calls):] == ["get"] * gets
+        assert index.calls.count("get") == gets, request
         assert all(bool(h.document.text) != request.ids_only for h in response.hits)
 
 
