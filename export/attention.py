@@ -78,12 +78,10 @@ def to_onnx_attention(model: Any) -> int:
                 biased = index.unique_name(f"{qkv[i]}_biased")
                 nodes.append(helper.make_node("Add", [qkv[i], name], [biased], name=f"{node.name}_{part}_bias_Add"))
                 qkv[i] = biased
-        extra = {}
         scale = node_attribute(node, "scale", 0.0)
-        if scale:
-            extra["scale"] = float(scale)
         nodes.append(helper.make_node("Attention", qkv + [mask], list(node.output), name=node.name,
-                                      q_num_heads=heads, kv_num_heads=heads, **extra))
+                                      q_num_heads=heads, kv_num_heads=heads,
+                                      scale=float(scale) if scale else None))  # make_node leaves None out
         rewritten += 1
     del model.graph.node[:]
     model.graph.node.extend(nodes)

@@ -9,12 +9,22 @@ import argparse
 import sys
 from pathlib import Path
 
+from twostage.model.postprocess import POOLING_MODES
+
 from .cpu import TARGETS, detect_target
 from .errors import ExportError, GateFailed
 from .gate import Thresholds
-from twostage.model.postprocess import POOLING_MODES
-from .sources import HUB_DEFAULTS, PACKAGED_DEFAULTS, PACKAGED_MODELS, PACKAGED_PREFIX, ROLES, Source, \
-    choose_defaults_mode, default_source, resolve_source
+from .sources import (
+    HUB_DEFAULTS,
+    PACKAGED_DEFAULTS,
+    PACKAGED_MODELS,
+    PACKAGED_PREFIX,
+    ROLES,
+    Source,
+    choose_defaults_mode,
+    default_source,
+    resolve_source,
+)
 
 _DEFAULTS = Thresholds()
 

@@ -64,7 +64,7 @@ def _rewrite_matmul_integer(index: GraphIndex, node: Any) -> tuple[list[Any], An
     w_zp = index.constant(node.input[3]) if has_w_zp else None
     cast = index.only_consumer(node.output[0], "Cast")
     mul = index.only_consumer(cast.output[0], "Mul") if cast is not None else None
-    if (has_w_zp and w_zp is None) or mul is None:
+    if cast is None or mul is None or (has_w_zp and w_zp is None):
         return None
     scale_name = mul.input[1] if mul.input[0] == cast.output[0] else mul.input[0]
     scale_mul = index.producer.get(scale_name)

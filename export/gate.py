@@ -36,9 +36,10 @@ from __future__ import annotations
 import contextlib
 import itertools
 import json
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -88,7 +89,7 @@ class Calibration:
 
     @property
     def pairs(self) -> list[tuple[str, str]]:
-        return [(q, p) for q, ps in zip(self.queries, self.passages) for p in ps]
+        return [(q, p) for q, ps in zip(self.queries, self.passages, strict=True) for p in ps]
 
     def record(self) -> dict[str, Any]:
         return {"name": self.name, "sha256": self.sha256, "queries": len(self.queries),
@@ -167,7 +168,7 @@ def bi_encoder_metrics(cal: Calibration, ref_q: np.ndarray, ref_p: np.ndarray, c
     cosines = (ref_all * cand_all).sum(axis=1)
     ref_sim = l2_normalize(ref_q) @ l2_normalize(ref_p).T  # [queries, all passages]
     cand_sim = l2_normalize(cand_q) @ l2_normalize(cand_p).T
-    overlaps = [overlap_at_k(r, c) for r, c in zip(ref_sim, cand_sim)]
+    overlaps = [overlap_at_k(r, c) for r, c in zip(ref_sim, cand_sim, strict=True)]
     owner = np.repeat(np.arange(len(cal.queries)), [len(p) for p in cal.passages])
     pair_ref = ref_sim[owner, np.arange(len(owner))]
     pair_cand = cand_sim[owner, np.arange(len(owner))]
@@ -183,23 +184,25 @@ def bi_encoder_metrics(cal: Calibration, ref_q: np.ndarray, ref_p: np.ndarray, c
 def cross_encoder_metrics(cal: Calibration, ref_scores: np.ndarray, cand_scores: np.ndarray) -> dict[str, float]:
     """Agreement of two score vectors over all calibration pairs (in calibration order)."""
     bounds = np.cumsum([0] + [len(p) for p in cal.passages])
-    best_same = [int(np.argmax(ref_scores[a:b]) == np.argmax(cand_scores[a:b])) for a, b in zip(bounds, bounds[1:])]
+    best_same = [int(np.argmax(ref_scores[a:b]) == np.argmax(cand_scores[a:b])) for a, b in itertools.pairwise(bounds)]
     metrics = {
         "spearman": spearman(ref_scores, cand_scores),
         "top10_overlap": overlap_at_k(ref_scores, cand_scores),
         "top1_agreement": float(np.mean(best_same)),
         "max_abs_diff": float(np.max(np.abs(ref_scores - cand_scores))),
     }
-    ref_rows = [ref_scores[a:b] for a, b in zip(bounds, bounds[1:])]
-    cand_rows = [cand_scores[a:b] for a, b in zip(bounds, bounds[1:])]
+    ref_rows = [ref_scores[a:b] for a, b in itertools.pairwise(bounds)]
+    cand_rows = [cand_scores[a:b] for a, b in itertools.pairwise(bounds)]
     metrics.update(_hit_at_1(cal, ref_rows, cand_rows, global_passages=False))
     return metrics
 
 
-def _hit_at_1(cal: Calibration, ref_rows: Any, cand_rows: Any, global_passages: bool) -> dict[str, float]:
-    """Share of labelled queries whose best-scored passage is labelled relevant (for each model)."""
+def _hit_at_1(cal: Calibration, ref_rows: np.ndarray | list[np.ndarray], cand_rows: np.ndarray | list[np.ndarray],
+              global_passages: bool) -> dict[str, float]:
+    """Share of labelled queries whose best-scored passage is labelled relevant (for each model). Row i holds
+    query i's scores: over all passages (`global_passages`) or over its own."""
     offsets = np.cumsum([0] + [len(p) for p in cal.passages])
-    hits = {"reference": [], "candidate": []}
+    hits: dict[str, list[bool]] = {"reference": [], "candidate": []}
     for i, labels in enumerate(cal.relevant):
         if not labels:
             continue
@@ -226,14 +229,26 @@ class GateSubject:
 
 
 @dataclass(frozen=True)
-class Outputs:
-    """What one model serves for the calibration set: embeddings (queries, then passages) or raw scores."""
+class ServedEmbeddings:
+    """What a bi-encoder serves for the calibration set."""
 
-    role: str
-    queries: np.ndarray | None = None
-    passages: np.ndarray | None = None
-    scores: np.ndarray | None = None
-    dimension: int = 0
+    queries: np.ndarray   # [queries, dimension]
+    passages: np.ndarray  # [all passages, dimension], in calibration order
+
+    @property
+    def dimension(self) -> int:
+        return int(self.queries.shape[1])
+
+
+@dataclass(frozen=True)
+class ServedScores:
+    """What a cross-encoder serves for the calibration pairs."""
+
+    scores: np.ndarray  # raw score of each pair, in calibration order
+    dimension: int      # logits per pair
+
+
+Outputs = ServedEmbeddings | ServedScores
 
 
 def items(subject: GateSubject, cal: Calibration) -> list[Any]:
@@ -277,28 +292,33 @@ def by_query(pairs: Sequence[tuple[str, str]]) -> Iterator[tuple[str, list[str]]
 def encode(model: Embedder | Reranker, batch: Sequence[Any]) -> list[Encoded]:
     """Model inputs for texts (bi-encoder) or (query, passage) pairs (cross-encoder), cut to max_length as the
     server cuts them."""
-    if model.role == "bi-encoder":
+    from twostage.model.embedder import Embedder
+
+    if isinstance(model, Embedder):
         return model.encode(batch)
     return [e for query, passages in by_query(batch) for e in model.encode(query, passages)]
 
 
 def serve(model: Embedder | Reranker, batch: Sequence[Any]) -> np.ndarray:
     """What the server returns for `batch` run as one padded batch: embeddings [n, dim] or raw scores [n]."""
+    from twostage.model.embedder import Embedder
+
     with model_errors(model.spec.model_path, "inference failed"):
         rows = model.run_batch(encode(model, batch))
-        return rows if model.role == "bi-encoder" else model.scores(rows).raw
+        return rows if isinstance(model, Embedder) else model.scores(rows).raw
 
 
 def served_outputs(subject: GateSubject, path: Path, cal: Calibration) -> Outputs:
     """Run one model on the whole calibration set the way the server runs it, BATCH_SIZE inputs at a time."""
+    from twostage.model.embedder import Embedder
+
     model = open_model(subject, path)
     with model_errors(path, "inference failed"):
-        if model.role == "bi-encoder":
-            queries = model.embed(cal.queries, BATCH_SIZE)
-            passages = model.embed([p for ps in cal.passages for p in ps], BATCH_SIZE)
-            return Outputs(subject.role, queries=queries, passages=passages, dimension=int(queries.shape[1]))
+        if isinstance(model, Embedder):
+            return ServedEmbeddings(queries=model.embed(cal.queries, BATCH_SIZE),
+                                    passages=model.embed([p for ps in cal.passages for p in ps], BATCH_SIZE))
         logits = model.run_batches(encode(model, cal.pairs), BATCH_SIZE)
-        return Outputs(subject.role, scores=model.scores(logits).raw, dimension=int(logits.shape[1]))
+        return ServedScores(scores=model.scores(logits).raw, dimension=int(logits.shape[1]))
 
 
 def compare(cal: Calibration, reference: Outputs, candidate: Outputs) -> dict[str, float]:
@@ -306,9 +326,11 @@ def compare(cal: Calibration, reference: Outputs, candidate: Outputs) -> dict[st
     if reference.dimension != candidate.dimension:
         raise ExportError(f"the served model outputs {candidate.dimension} values per input, the reference "
                           f"{reference.dimension}")
-    if reference.role == "bi-encoder":
+    if isinstance(reference, ServedEmbeddings) and isinstance(candidate, ServedEmbeddings):
         return bi_encoder_metrics(cal, reference.queries, reference.passages, candidate.queries, candidate.passages)
-    return cross_encoder_metrics(cal, reference.scores, candidate.scores)
+    if isinstance(reference, ServedScores) and isinstance(candidate, ServedScores):
+        return cross_encoder_metrics(cal, reference.scores, candidate.scores)
+    raise ExportError("cannot compare a bi-encoder's outputs with a cross-encoder's")
 
 
 def measure(subject: GateSubject, reference: Path, candidate: Path, cal: Calibration) -> tuple[dict[str, float], int]:
@@ -374,7 +396,7 @@ def calibration_inputs(subject: GateSubject, cal: Calibration, input_names: list
 
     pool = items(subject, cal)
     joined = [" ".join(ps) for ps in cal.passages[:long_inputs]]
-    long = joined if subject.role == "bi-encoder" else list(zip(cal.queries[:long_inputs], joined))
+    long = joined if subject.role == "bi-encoder" else list(zip(cal.queries[:long_inputs], joined, strict=True))
     return ([feeds(pool[i:i + batch_size]) for i in range(0, len(pool), batch_size)]
             + [feeds(long[i:i + 4]) for i in range(0, len(long), 4)])
 

@@ -22,9 +22,10 @@ as close as the packaged dynamic-int8 model.
 """
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any
 
 import numpy as np
 
@@ -90,7 +91,7 @@ def activation_ranges(model: Any, feeds: Iterable[dict[str, np.ndarray]]) -> tup
         mask = feed[MASK_INPUT].astype(bool)
         tokens += int(mask.sum())
         values = session.run(names, {k: v for k, v in feed.items() if k in wanted})
-        for name, value in zip(names, values):
+        for name, value in zip(names, values, strict=True):
             real = value[mask] if value.ndim == 3 and value.shape[:2] == mask.shape else value
             ranges[name].update(real)
     return ranges, tokens
@@ -119,10 +120,11 @@ def _foldable_bias(index: GraphIndex, matmul: Any, columns: int) -> tuple[Any, s
     return add, other
 
 
-def quantize_static(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]], target: QuantTarget) -> dict[str, Any]:
+def quantize_static(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]],
+                    target: QuantTarget) -> dict[str, Any]:
     """Write dst: src with its weight matmuls in static int8 (module docstring). Returns the manifest record."""
     import onnx
-    from onnx import helper
+    from onnx import helper, numpy_helper
 
     model = onnx.load(str(src))
     matmuls = quantizable_matmuls(model)
@@ -150,7 +152,7 @@ def quantize_static(src: Path, dst: Path, feeds: Iterable[dict[str, np.ndarray]]
             nodes.append(helper.make_node("QuantizeLinear", [activation, names[1], names[2]], [names[0]],
                                           name=names[0] + "_QuantizeLinear"))
             quantized[activation] = names
-        weights = index.constant(node.input[1])
+        weights = numpy_helper.to_array(index.initializers[node.input[1]])  # an initializer: quantizable_matmuls
         q_weights, w_scales, w_zeros = quantized_weight(weights, target)
         inputs = [quantized[activation][0],
                   index.add_initializer(f"{node.input[1]}_quantized", q_weights),

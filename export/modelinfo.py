@@ -11,7 +11,7 @@ import json
 import shutil
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from twostage.model.postprocess import POOLING_MODES
 
@@ -36,8 +36,12 @@ _ST_SUPPORTED = ("Transformer", "Pooling", "Normalize")
 KNOWN_QUERY_PREFIXES = {"BAAI/bge-small-en-v1.5": "Represent this sentence for searching relevant passages: "}
 
 
-def read_json(path: Path) -> dict[str, Any] | None:
-    """Parse a JSON object file; None when absent. A malformed file is an error naming it."""
+J = TypeVar("J", dict, list)
+
+
+def _read_json_as(path: Path, expected: type[J], what: str) -> J | None:
+    """Parse a JSON file holding `expected`; None when absent. A malformed file, or one holding anything else,
+    is an error naming it ("expected <what>")."""
     path = Path(path)
     if not path.is_file():
         return None
@@ -45,9 +49,14 @@ def read_json(path: Path) -> dict[str, Any] | None:
         data = json.loads(path.read_text())
     except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
         raise ExportError(f"{path}: unreadable JSON: {exc}") from exc
-    if not isinstance(data, dict) and not isinstance(data, list):
-        raise ExportError(f"{path}: expected a JSON object")
+    if not isinstance(data, expected):
+        raise ExportError(f"{path}: expected {what}")
     return data
+
+
+def read_json(path: Path) -> dict[str, Any] | None:
+    """Parse a JSON object file; None when absent. A malformed file is an error naming it."""
+    return _read_json_as(path, dict, "a JSON object")
 
 
 @dataclass(frozen=True)
@@ -86,15 +95,13 @@ def read_pooling(model_dir: Path) -> PoolingInfo:
     own default for a plain transformer checkpoint), origin "default"."""
     model_dir = Path(model_dir)
     modules_path = model_dir / "modules.json"
-    modules = read_json(modules_path)
+    modules = _read_json_as(modules_path, list, "a list of modules")
     if modules is None:
         pooling_cfg_path = model_dir / "1_Pooling" / "config.json"
         cfg = read_json(pooling_cfg_path)
         if cfg is None:
             return PoolingInfo("mean", False, "default")
         return PoolingInfo(pooling_from_config(cfg, pooling_cfg_path), False, str(pooling_cfg_path))
-    if not isinstance(modules, list):
-        raise ExportError(f"{modules_path}: expected a list of modules")
     pooling_dir = None
     normalize = False
     for module in modules:

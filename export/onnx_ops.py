@@ -22,9 +22,10 @@ import logging
 import os
 import shutil
 import warnings
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 
@@ -277,8 +278,11 @@ def describe_source_quantization(path: Path) -> dict[str, Any]:
     ops = {node.op_type for node in model.graph.node}
     weight_types, per_channel = set(), set()
     for node in model.graph.node:
-        weight_at, scale_at = {"MatMulInteger": (1, 3), "MatMulIntegerToFloat": (1, 3)}.get(node.op_type, (None, None))
-        if weight_at is None or len(node.input) <= weight_at or node.input[weight_at] not in inits:
+        positions = {"MatMulInteger": (1, 3), "MatMulIntegerToFloat": (1, 3)}.get(node.op_type)
+        if positions is None:
+            continue
+        weight_at, scale_at = positions
+        if len(node.input) <= weight_at or node.input[weight_at] not in inits:
             continue
         weight = inits[node.input[weight_at]]
         weight_types.add("int8" if weight.data_type == onnx.TensorProto.INT8 else "uint8")

@@ -23,20 +23,37 @@ import shutil
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Iterator, TextIO
+from typing import Any, TextIO
 
-from twostage.model.manifest import FORMAT as MANIFEST_FORMAT, MANIFEST_NAME, ROLES, ManifestError, sha256_file, \
-    verify_model_dir
+from twostage.model.manifest import (
+    FORMAT as MANIFEST_FORMAT,
+    MANIFEST_NAME,
+    ROLES,
+    ManifestError,
+    sha256_file,
+    verify_model_dir,
+)
 
 from . import gate as gates
 from .cpu import detect_target, target_settings
 from .errors import ExportError, GateFailed
 from .manifest import write_manifest
-from .modelinfo import (TOKENIZER_FILES, PoolingInfo, choose_positive_label, copy_tokenizer_files,
-                        ensure_fast_tokenizer, given_pooling, label_names, read_json, read_max_length, read_pooling,
-                        read_query_prefix)
+from .modelinfo import (
+    TOKENIZER_FILES,
+    PoolingInfo,
+    choose_positive_label,
+    copy_tokenizer_files,
+    ensure_fast_tokenizer,
+    given_pooling,
+    label_names,
+    read_json,
+    read_max_length,
+    read_pooling,
+    read_query_prefix,
+)
 from .sources import Source
 
 # Bump when the steps change in a way that should rebuild existing model directories.
@@ -384,6 +401,8 @@ def build(source: Source, facts: ModelFacts, staging: Path, work: Path, options:
             info = onnx_ops.inspect_onnx(raw)
             output = onnx_ops.served_output(info, role)
     else:
+        if source.onnx_file is None:
+            raise ExportError(f"{source.describe()}: format onnx without an ONNX file")
         raw = source.onnx_file
         with progress.step(1, f"validating source ONNX {raw.name}"):
             onnx_ops.check_onnx(raw)

@@ -233,8 +233,7 @@ def hub_source(repo_id: str, revision: str | None, role: str) -> Source:
     """Download (or find in the local cache) a hub repository and record its commit."""
     try:
         from huggingface_hub import HfApi, snapshot_download
-        from huggingface_hub.errors import (LocalEntryNotFoundError, RepositoryNotFoundError,
-                                            RevisionNotFoundError)
+        from huggingface_hub.errors import LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError
     except ImportError as exc:
         raise ExportError(f"--{role} {repo_id}: huggingface_hub is needed for hub ids: "
                           "pip install 'twostage[export]'") from exc

@@ -1,7 +1,7 @@
 """The bi-encoder: texts -> vectors, pooled and normalized as its manifest records."""
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 

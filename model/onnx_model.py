@@ -13,9 +13,10 @@ manifest exists), so that both run the graph exactly the same way.
 from __future__ import annotations
 
 import threading
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Sequence, TypeVar
+from typing import Any, TypeVar
 
 import numpy as np
 
@@ -43,7 +44,7 @@ class ModelSpec:
     positive_label: int = 0        # cross-encoder: the logit that is the score
 
     @classmethod
-    def from_model_dir(cls, model_dir: ModelDir) -> "ModelSpec":
+    def from_model_dir(cls, model_dir: ModelDir) -> ModelSpec:
         m = model_dir.manifest
         return cls(model_path=model_dir.model_path, tokenizer_path=model_dir.tokenizer_path, output=m["output"],
                    max_length=int(m["max_length"]), dimension=int(m["dimension"]), pooling=m.get("pooling"),
@@ -66,7 +67,7 @@ def pad_batch(batch: Sequence[Encoded], pad_id: int) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": mask, "token_type_ids": types}
 
 
-def model_feeds(padded: dict[str, np.ndarray], input_types: dict[str, type[np.integer]]) -> dict[str, np.ndarray]:
+def model_feeds(padded: dict[str, np.ndarray], input_types: Mapping[str, type[np.integer]]) -> dict[str, np.ndarray]:
     """The feeds a graph declares (`input_types`: name -> integer type) from a padded batch; position_ids, when
     declared, count 0.. along each row (right padding keeps real tokens at the start)."""
     feeds = {}

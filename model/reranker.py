@@ -2,8 +2,8 @@
 in long-document mode each document's best chunk."""
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Sequence
 
 import numpy as np
 

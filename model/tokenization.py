@@ -19,9 +19,10 @@ With ``truncate=False`` any cut raises `InvalidArgument` naming the field, its t
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import NamedTuple, Sequence
+from typing import NamedTuple
 
 import numpy as np
 from tokenizers import Tokenizer
@@ -65,7 +66,7 @@ class ModelTokenizer:
         self.pair_specials = sum(1 for kind, _, _ in self.pair_layout if kind == "special")
 
     @classmethod
-    def from_file(cls, path: str | Path) -> "ModelTokenizer":
+    def from_file(cls, path: str | Path) -> ModelTokenizer:
         return cls(Tokenizer.from_file(str(path)), source=str(path))
 
     def tokens(self, texts: Sequence[str]) -> list[list[int]]:
@@ -81,12 +82,13 @@ class ModelTokenizer:
         layout = self.single_layout if second is None else self.pair_layout
         ids: list[int] = []
         type_ids: list[int] = []
+        parts = (first,) if second is None else (first, second)  # indexed by a "sequence" slot's value
         for kind, value, type_id in layout:
             if kind == "special":
                 ids.append(value)
                 type_ids.append(type_id)
             else:
-                part = first if value == 0 else second
+                part = parts[value]
                 ids.extend(part)
                 type_ids.extend([type_id] * len(part))
         return Encoded(np.asarray(ids, dtype=np.int64), np.asarray(type_ids, dtype=np.int64), truncated)
@@ -94,9 +96,11 @@ class ModelTokenizer:
 
 def _probe_layout(tokenizer: Tokenizer, pair: bool, source: str) -> list[Slot]:
     """Encode a tiny text (pair) with specials and read where specials and content land."""
-    enc = tokenizer.encode("a", "b", add_special_tokens=True) if pair else tokenizer.encode("a", add_special_tokens=True)
+    texts = ("a", "b") if pair else ("a",)
+    enc = tokenizer.encode(*texts, add_special_tokens=True)
     layout: list[Slot] = []
-    for token_id, type_id, seq, special in zip(enc.ids, enc.type_ids, enc.sequence_ids, enc.special_tokens_mask):
+    for token_id, type_id, seq, special in zip(enc.ids, enc.type_ids, enc.sequence_ids, enc.special_tokens_mask,
+                                               strict=True):
         if special or seq is None:
             layout.append(("special", token_id, type_id))
         elif not (layout and layout[-1][0] == "sequence" and layout[-1][1] == seq):
@@ -164,8 +168,9 @@ def encode_pairs(tokenizer: ModelTokenizer, query: str, docs: Sequence[str], max
         q_part, pair_q_cut = q_ids, False
         if len(q_part) + len(d_ids) > budget:
             if not truncate:
-                raise InvalidArgument(f"{doc_field}[{i}]", f"pair with the query has {len(q_part) + len(d_ids) + tokenizer.pair_specials} "
-                                      f"tokens; the model takes at most {max_length} and truncation is NONE")
+                pair_tokens = len(q_part) + len(d_ids) + tokenizer.pair_specials
+                raise InvalidArgument(f"{doc_field}[{i}]", f"pair with the query has {pair_tokens} tokens; the model "
+                                      f"takes at most {max_length} and truncation is NONE")
             query_room = budget - min(len(d_ids), budget // 2)
             if len(q_part) > query_room:
                 q_part, pair_q_cut = q_part[:query_room], True

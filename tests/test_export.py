@@ -18,7 +18,7 @@ from tiny_models import make_tiny_bert_checkpoint
 from twostage.export import cli, gate, int8, onnx_ops, pipeline
 from twostage.export.cpu import detect_target, target_settings
 from twostage.export.errors import ExportError, GateFailed
-from twostage.export.modelinfo import choose_positive_label, read_max_length, read_pooling
+from twostage.export.modelinfo import choose_positive_label, read_json, read_max_length, read_pooling
 from twostage.export.pipeline import ExportOptions, export_model
 from twostage.export.sources import (choose_defaults_mode, packaged_source, resolve_source)
 from twostage.model.manifest import ManifestError, read_manifest, sha256_file, verify_model_dir
@@ -417,6 +417,19 @@ def test_unsupported_sentence_transformers_configs_are_refused(tmp_path):
     bare.mkdir()
     assert (read_pooling(bare).pooling, read_pooling(bare).normalize, read_pooling(bare).origin) == \
         ("mean", False, "default")
+
+
+def test_json_files_of_the_wrong_shape_are_refused_naming_the_file(tmp_path):
+    (tmp_path / "modules.json").write_text(json.dumps({"0": "sentence_transformers.models.Transformer"}))
+    with pytest.raises(ExportError, match=r"modules\.json: expected a list of modules"):
+        read_pooling(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps([{"max_position_embeddings": 512}]))
+    with pytest.raises(ExportError, match=r"config\.json: expected a JSON object"):
+        read_json(tmp_path / "config.json")
+    (tmp_path / "broken.json").write_text("{")
+    with pytest.raises(ExportError, match=r"broken\.json: unreadable JSON"):
+        read_json(tmp_path / "broken.json")
+    assert read_json(tmp_path / "absent.json") is None
 
 
 def test_positive_label_rule():
