@@ -12,9 +12,9 @@ import dataclasses
 import ipaddress
 import json
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from collections.abc import Sequence
 from typing import TypedDict, Unpack
 
 import grpc

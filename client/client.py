@@ -24,8 +24,8 @@ from __future__ import annotations
 
 import asyncio
 import time
-from dataclasses import dataclass
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import Generic, Self, TypeVar, Unpack
 
 import grpc
@@ -34,10 +34,20 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from twostage.client import convert
 from twostage.client.channel import DEFAULT_TARGET, ClientOptions, Connection, connection
-from twostage.client.types import (DeleteResult, Document, EmbedResult, Info, JsonValue, RerankOptions,
-                                   RerankResults, SearchOptions, SearchResult, TwoStageError, UpsertResult)
-from twostage.v1 import twostage_pb2 as pb
-from twostage.v1 import twostage_pb2_grpc as pb_grpc
+from twostage.client.types import (
+    DeleteResult,
+    Document,
+    EmbedResult,
+    Info,
+    JsonValue,
+    RerankOptions,
+    RerankResults,
+    SearchOptions,
+    SearchResult,
+    TwoStageError,
+    UpsertResult,
+)
+from twostage.v1 import twostage_pb2 as pb, twostage_pb2_grpc as pb_grpc
 
 ResponseT = TypeVar("ResponseT", bound=Message)
 

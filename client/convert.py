@@ -6,15 +6,32 @@ from __future__ import annotations
 import dataclasses
 import numbers
 from collections.abc import Iterable, Mapping, Sequence
-from typing import TypeVar
+from typing import TypeVar, cast
 
 from google.protobuf import json_format, struct_pb2
 from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from google.protobuf.message import Message
 
-from twostage.client.types import (BatchingInfo, Defaults, DeleteResult, Document, EmbedResult, IndexInfo, Info,
-                                   JsonObject, JsonValue, Limits, ModelInfo, RerankResult, RerankResults,
-                                   SearchHit, SearchResult, StageTiming, Timing, UpsertResult)
+from twostage.client.types import (
+    BatchingInfo,
+    Defaults,
+    DeleteResult,
+    Document,
+    EmbedResult,
+    IndexInfo,
+    Info,
+    JsonObject,
+    JsonValue,
+    Limits,
+    ModelInfo,
+    RerankResult,
+    RerankResults,
+    SearchHit,
+    SearchResult,
+    StageTiming,
+    Timing,
+    UpsertResult,
+)
 from twostage.v1 import twostage_pb2 as pb
 
 T = TypeVar("T")
@@ -114,9 +131,9 @@ def search_request(query: str, *, top_k: int = 0, candidates: int = 0, skip_rera
                                ids_only=ids_only, rerank_budget_ms=rerank_budget_ms, raw_scores=raw_scores,
                                max_query_tokens=max_query_tokens, max_document_tokens=max_document_tokens,
                                expansion_search=expansion_search, latency_budget_ms=latency_budget_ms,
-                               retrieval_mode=_enum_value(pb.RetrievalMode, "RETRIEVAL_MODE_", retrieval_mode,
-                                                          "retrieval_mode"),
-                               fusion=_enum_value(pb.Fusion, "FUSION_", fusion, "fusion"))
+                               retrieval_mode=cast(pb.RetrievalMode, _enum_value(
+                                   pb.RetrievalMode, "RETRIEVAL_MODE_", retrieval_mode, "retrieval_mode")),
+                               fusion=cast(pb.Fusion, _enum_value(pb.Fusion, "FUSION_", fusion, "fusion")))
     if fusion_weight is not None:
         request.fusion_weight = fusion_weight
     if rerank_weight is not None:
@@ -127,7 +144,8 @@ def search_request(query: str, *, top_k: int = 0, candidates: int = 0, skip_rera
 
 
 def _enum_value(enum: EnumTypeWrapper, prefix: str, name: str, field: str) -> int:
-    """The proto enum value for an option name ("" = unspecified = the server default)."""
+    """The proto enum value for an option name ("" = unspecified = the server default). A plain int at run
+    time; the generated stubs type each enum as its own int subclass, so callers cast at the request."""
     if not name:
         return 0
     try:

@@ -14,10 +14,11 @@ import contextlib
 import json
 import sys
 import tempfile
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Awaitable, Callable, Protocol, Sequence, TextIO
+from typing import Any, Protocol, TextIO
 
 from twostage.client.client import AsyncClient
 from twostage.client.output import format_score, shorten, terminal_width

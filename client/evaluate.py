@@ -42,14 +42,14 @@ from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Final, NotRequired, TextIO, TypedDict
 
 import numpy as np
 
 from twostage.client.beir import Split, load_split
 from twostage.client.ir_metrics import evaluate_run, ndcg_at_k
 from twostage.client.progress import ProgressBar
-from twostage.client.types import Defaults, JsonValue, SearchOptions, SearchResult
+from twostage.client.types import Defaults, SearchOptions, SearchResult
 from twostage.server import fusion as server_fusion
 
 if TYPE_CHECKING:
@@ -64,6 +64,74 @@ DEFAULT_FUSION_WEIGHTS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8)
 DEFAULT_RERANK_WEIGHTS = (0.0, 0.3, 0.5, 0.6, 0.7, 0.8, 0.9, 1.0, ADAPTIVE)
 DEFAULT_CANDIDATES = (20, 30, 50, 100)
 SERVER_HYBRID_DEPTH = 100  # server/config.py hybrid_depth's default (Info does not report it)
+# The report's metric keys, spelled out so that the report's TypedDicts can name them (f"ndcg@{NDCG_K}" and
+# f"recall@{DEPTH}"; keep them in step with NDCG_K and DEPTH).
+NDCG: Final = "ndcg@10"
+RECALL: Final = "recall@100"
+DEFAULTS_NDCG: Final = "server_defaults_ndcg@10"
+HELD_OUT_NDCG: Final = "held_out_ndcg@10"
+
+
+# ------------------------------------------------------------------------------------------ the report
+# What `run_evaluation` returns and --json writes; the TypedDicts only type it (it stays plain JSON).
+class Latency(TypedDict):
+    p50: float | None
+    p90: float | None
+    p99: float | None
+    mean: float | None
+
+
+class LatencyMs(TypedDict):
+    client: Latency
+    server: Latency
+
+
+Row = TypedDict("Row", {
+    "label": str, "mode": str, "rerank": bool, "candidates": int, "top_k": int, "fusion": str | None,
+    "fusion_weight": float | None, "rerank_weight": float | None, "latency_budget_ms": int, "tuned": bool,
+    "queries": int, "ndcg@10": float, "recall@100": float | None, "latency_ms": LatencyMs,
+    "reranked_mean": float, "budget_limited": float})
+
+GridPoint = TypedDict("GridPoint", {"stage1": str, "candidates": int, "rerank_weight": float, "ndcg@10": float})
+
+Tuning = TypedDict("Tuning", {
+    "queries": int, "chosen_from": str, "query_ids": list[str], "notes": list[str],
+    "chosen": dict[str, str | float | int], "ndcg@10": float, "server_defaults_ndcg@10": float | None,
+    "grid": list[GridPoint], "held_out_ndcg@10": NotRequired[float]})
+
+
+class Dataset(TypedDict):
+    folder: str
+    split: str
+    queries: int
+    judged_queries: int
+    query_ids: list[str]
+
+
+class Server(TypedDict):
+    version: str
+    bi_encoder: str
+    cross_encoder: str
+    documents: int
+    defaults: dict[str, str | float | int]
+    embedded: NotRequired[bool]
+    target: NotRequired[str]
+
+
+class Measure(TypedDict):
+    ndcg_k: int
+    recall_k: int
+    warmup: int
+    hybrid_depth: int
+    latency: str
+
+
+class Report(TypedDict):
+    dataset: Dataset
+    server: Server
+    measure: Measure
+    rows: list[Row]
+    tune: Tuning | None
 
 
 def wire(value: float) -> float:
@@ -192,7 +260,7 @@ def run_setting(client: Client, queries: Mapping[str, str], setting: Setting, ba
     return run
 
 
-def percentiles(values: Sequence[float]) -> dict[str, float | None]:
+def percentiles(values: Sequence[float]) -> Latency:
     if not values:
         return {"p50": None, "p90": None, "p99": None, "mean": None}
     arr = np.asarray(values, dtype=np.float64)
@@ -200,7 +268,7 @@ def percentiles(values: Sequence[float]) -> dict[str, float | None]:
     return {"p50": float(p50), "p90": float(p90), "p99": float(p99), "mean": float(arr.mean())}
 
 
-def summarize(run: RowRun, qrels: Mapping[str, Mapping[str, int]]) -> dict[str, JsonValue]:
+def summarize(run: RowRun, qrels: Mapping[str, Mapping[str, int]]) -> Row:
     """One row of the report: the setting, quality and latency."""
     s = run.setting
     queries = list(run.rankings)
@@ -209,8 +277,8 @@ def summarize(run: RowRun, qrels: Mapping[str, Mapping[str, int]]) -> dict[str, 
         "label": s.label, "mode": s.mode, "rerank": s.rerank, "candidates": s.candidates, "top_k": s.top_k,
         "fusion": s.fusion or None, "fusion_weight": s.fusion_weight, "rerank_weight": s.rerank_weight,
         "latency_budget_ms": s.budget_ms, "tuned": s.tuned, "queries": len(queries),
-        f"ndcg@{NDCG_K}": scores[f"ndcg@{NDCG_K}"],
-        f"recall@{DEPTH}": scores[f"recall@{DEPTH}"] if s.top_k >= DEPTH else None,
+        NDCG: scores[NDCG],
+        RECALL: scores[RECALL] if s.top_k >= DEPTH else None,
         "latency_ms": {"client": percentiles(run.client_ms), "server": percentiles(run.server_ms)},
         "reranked_mean": float(np.mean(run.reranked)) if run.reranked else 0.0,
         "budget_limited": run.budget_limited / len(queries) if queries else 0.0,
@@ -401,9 +469,9 @@ def split_queries(split: Split, options: Options) -> tuple[dict[str, str], dict[
 
 
 def tune(client: Client, queries: Mapping[str, str], qrels: Mapping[str, Mapping[str, int]], options: Options,
-         defaults: Defaults, max_rerank_documents: int, stream: TextIO) -> dict[str, JsonValue]:
+         defaults: Defaults, max_rerank_documents: int, stream: TextIO) -> Tuning:
     """Choose the settings on `queries` (never the reported ones); returns the tuning part of the report."""
-    notes = []
+    notes: list[str] = []
     weights = list(options.tune_rerank_weights)
     if any(w < 0 for w in weights) and not defaults.rerank_weight < 0:
         weights = [w for w in weights if w >= 0]
@@ -423,10 +491,10 @@ def tune(client: Client, queries: Mapping[str, str], qrels: Mapping[str, Mapping
         notes.append("the cross-encoder does not help on these queries (weight 0 chosen): consider skip_rerank")
     return {
         "queries": len(queries), "chosen_from": "", "query_ids": list(queries), "notes": notes,
-        "chosen": choice.config(defaults), f"ndcg@{NDCG_K}": value,
-        f"server_defaults_ndcg@{NDCG_K}": baseline,
+        "chosen": choice.config(defaults), NDCG: value,
+        DEFAULTS_NDCG: baseline,
         "grid": [{"stage1": c.stage1.label, "candidates": c.candidates, "rerank_weight": c.rerank_weight,
-                  f"ndcg@{NDCG_K}": v} for c, v in scores],
+                  NDCG: v} for c, v in scores],
     }
 
 
@@ -445,12 +513,14 @@ def tuned_settings(chosen: Mapping[str, str | float | int]) -> list[Setting]:
                     rerank_weight=None if rerank_weight < 0 else rerank_weight, tuned=True)]
 
 
-def config_toml(report: Mapping[str, JsonValue]) -> str:
+def config_toml(report: Report) -> str:
     """A tuned report's chosen knobs as a TOML file for `twostage serve --config` (keys are server/config.py
     names), with where they come from in comments."""
     t, ds = report["tune"], report["dataset"]
+    if t is None:
+        raise ValueError("the report has no tuning result (evaluate with --tune)")
     lines = [f"# written by `twostage evaluate --tune` on {ds['folder']} ({t['chosen_from']}, {t['queries']} queries)",
-             (f"# nDCG@{NDCG_K}: {t[f'ndcg@{NDCG_K}']:.4f} on the tuning queries, {t[f'held_out_ndcg@{NDCG_K}']:.4f} "
+             (f"# nDCG@{NDCG_K}: {t[NDCG]:.4f} on the tuning queries, {t[HELD_OUT_NDCG]:.4f} "
               f"on {ds['queries']} held-out queries of split {ds['split']!r} through Search"),
              "# rerank_weight < 0 selects the query-adaptive cross-encoder weight"]
     for key, value in t["chosen"].items():
@@ -459,12 +529,12 @@ def config_toml(report: Mapping[str, JsonValue]) -> str:
 
 
 # ------------------------------------------------------------------------------------------ the run
-def run_evaluation(client: Client, split: Split, options: Options, stream: TextIO = sys.stderr) -> dict[str, JsonValue]:
+def run_evaluation(client: Client, split: Split, options: Options, stream: TextIO = sys.stderr) -> Report:
     """Evaluate `split` on the server behind `client`; returns the report (what --json writes)."""
     info = client.info()
     defaults = info.defaults
     report_queries, tune_queries, how = split_queries(split, options)
-    result: dict[str, JsonValue] = {
+    result: Report = {
         "dataset": {"folder": str(split.folder), "split": split.name, "queries": len(report_queries),
                     "judged_queries": len(split.queries), "query_ids": list(report_queries)},
         "server": {"version": info.server_version, "bi_encoder": info.bi_encoder.name,
@@ -488,7 +558,7 @@ def run_evaluation(client: Client, split: Split, options: Options, stream: TextI
     result["rows"] = rows
     if options.tune:
         tuned_rerank = next(r for r in rows if r["tuned"] and r["rerank"])
-        result["tune"][f"held_out_ndcg@{NDCG_K}"] = tuned_rerank[f"ndcg@{NDCG_K}"]
+        tuned[HELD_OUT_NDCG] = tuned_rerank[NDCG]
     return result
 
 
@@ -501,7 +571,7 @@ def _figure(value: float | None) -> str:
     return "-" if value is None else f"{value:.4f}"
 
 
-def report_table(report: Mapping[str, JsonValue]) -> str:
+def report_table(report: Report) -> str:
     from twostage.client.output import format_table
 
     ds = report["dataset"]
@@ -510,7 +580,7 @@ def report_table(report: Mapping[str, JsonValue]) -> str:
     rows = []
     for r in report["rows"]:
         c, s = r["latency_ms"]["client"], r["latency_ms"]["server"]
-        rows.append([r["label"], _figure(r[f"ndcg@{NDCG_K}"]), _figure(r[f"recall@{DEPTH}"]), _ms(c["p50"]),
+        rows.append([r["label"], _figure(r[NDCG]), _figure(r[RECALL]), _ms(c["p50"]),
                      _ms(c["p90"]), _ms(c["p99"]), _ms(s["p50"]), _ms(s["p90"]), _ms(s["p99"]),
                      f"{r['reranked_mean']:.0f}" + (f" (cut {r['budget_limited']:.0%})" if r["budget_limited"]
                                                     else "")])
@@ -520,11 +590,11 @@ def report_table(report: Mapping[str, JsonValue]) -> str:
     t = report.get("tune")
     if t:
         chosen = ", ".join(f"{k}={v}" for k, v in t["chosen"].items())
-        base = t.get(f"server_defaults_ndcg@{NDCG_K}")
+        base = t[DEFAULTS_NDCG]
         lines.append(f"tuned on {t['queries']} other queries ({t['chosen_from']}): {chosen}")
-        lines.append(f"  nDCG@{NDCG_K} on the tuning queries {t[f'ndcg@{NDCG_K}']:.4f}"
+        lines.append(f"  nDCG@{NDCG_K} on the tuning queries {t[NDCG]:.4f}"
                      + (f" (server defaults {base:.4f})" if base is not None else "")
-                     + f"; held out, through Search: {t[f'held_out_ndcg@{NDCG_K}']:.4f}")
+                     + f"; held out, through Search: {t[HELD_OUT_NDCG]:.4f}")
         lines.extend(f"  note: {n}" for n in t["notes"])
     return "\n".join(lines)
 

@@ -27,7 +27,8 @@ import hashlib
 import hmac
 import logging
 import time
-from typing import Any, Awaitable, Callable, Iterable, Sequence
+from collections.abc import Awaitable, Callable, Iterable, Sequence
+from typing import Any
 
 import grpc
 from google.protobuf.message import DecodeError
@@ -155,13 +156,14 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         self.observe_rpc = observe_rpc
 
     @classmethod
-    def from_config(cls, config: Any, observe_rpc: RpcObserver | None = None) -> "ApiKeyInterceptor | None":
+    def from_config(cls, config: Any, observe_rpc: RpcObserver | None = None) -> ApiKeyInterceptor | None:
         """The interceptor for `config.read_api_keys` / `config.write_api_keys`; None when both are empty."""
         if not config.read_api_keys and not config.write_api_keys:
             return None
         return cls(config.read_api_keys, config.write_api_keys, observe_rpc)
 
-    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+    async def intercept_service(self,
+                                continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
                                 handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         started = time.perf_counter()
         method = handler_call_details.method
@@ -189,7 +191,8 @@ class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):
     Streaming handlers (health Watch, reflection) are passed through unchanged.
     """
 
-    async def intercept_service(self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+    async def intercept_service(self,
+                                continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
                                 handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
         handler = await continuation(handler_call_details)
         if (handler is None or handler.request_streaming or handler.response_streaming

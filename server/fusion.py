@@ -90,8 +90,8 @@ def convex(dense: Sequence[Ranked], lexical: Sequence[Ranked], dense_weight: flo
     if not 0.0 <= dense_weight <= 1.0:
         raise ValueError(f"convex: dense_weight must be in [0, 1] (got {dense_weight})")
     merged = _collect(dense, lexical)
-    dense_norm = dict(zip((h.id for h in dense), min_max([h.score for h in dense])))
-    lexical_norm = dict(zip((h.id for h in lexical), min_max([h.score for h in lexical])))
+    dense_norm = dict(zip((h.id for h in dense), min_max([h.score for h in dense]), strict=True))
+    lexical_norm = dict(zip((h.id for h in lexical), min_max([h.score for h in lexical]), strict=True))
     for f in merged.values():
         f.score = float(dense_weight * dense_norm.get(f.id, 0.0) + (1.0 - dense_weight) * lexical_norm.get(f.id, 0.0))
     return _ordered(merged)

@@ -27,9 +27,10 @@ import shutil
 import sys
 import time
 from array import array
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator, TextIO
+from typing import TextIO
 
 import numpy as np
 
@@ -38,8 +39,7 @@ from twostage.client.progress import ProgressBar
 from .index.backend import StoredDoc, embedding_text
 from .index.durable import write_atomically
 from .index.embedded import DocumentIndex
-from .index.layout import (BUILD_COMPLETE_FILE, DirectoryLock, recover_index_dir, replace_index_dir,
-                           staging_dir)
+from .index.layout import BUILD_COMPLETE_FILE, DirectoryLock, recover_index_dir, replace_index_dir, staging_dir
 from .index.settings import IndexSettings
 
 BUILD_STATE_FILE = "build-state.json"

@@ -14,7 +14,8 @@ class Metrics:
     def __init__(self) -> None:
         self.registry = CollectorRegistry()
         r = self.registry
-        self.requests = Counter("twostage_requests_total", "RPCs by method and status code", ["method", "code"], registry=r)
+        self.requests = Counter("twostage_requests_total", "RPCs by method and status code", ["method", "code"],
+                                registry=r)
         self.latency = Histogram("twostage_request_seconds", "RPC latency by method and status code",
                                  ["method", "code"], buckets=LATENCY_BUCKETS, registry=r)
         self.queue = Histogram("twostage_queue_seconds", "time work waited in a batcher queue", ["model"],
@@ -24,7 +25,8 @@ class Metrics:
         self.batch_tokens = Histogram("twostage_batch_tokens", "padded tokens per model batch", ["model"],
                                       buckets=TOKEN_BUCKETS, registry=r)
         self.padding_ratio = Histogram("twostage_batch_padding_ratio", "padding tokens / padded tokens per batch",
-                                       ["model"], buckets=(0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9, 1.0), registry=r)
+                                       ["model"], buckets=(0.0, 0.05, 0.1, 0.2, 0.3, 0.4, 0.5, 0.7, 0.9, 1.0),
+                                       registry=r)
         self.inference = Histogram("twostage_batch_inference_seconds", "model inference time per batch", ["model"],
                                    buckets=LATENCY_BUCKETS, registry=r)
         self.cost_fixed = Gauge("twostage_batch_cost_fixed_seconds",

@@ -14,12 +14,19 @@
 The names below are re-exported for convenience; code inside the project imports from the module that
 defines them.
 """
-from .backend import (Candidate, Candidates, Filter, FilterValue, IndexBackend, Snapshotting, StoredDoc,
-                      embedding_text)
+from .backend import Candidate, Candidates, Filter, FilterValue, IndexBackend, Snapshotting, StoredDoc, embedding_text
 from .embedded import DocumentIndex
 from .filters import json_equal, metadata_matches
-from .layout import (BUILD_COMPLETE_FILE, SNAPSHOT_META_FILE, STORE_FILE, DirectoryLock, aside_dir,
-                     recover_index_dir, replace_index_dir, staging_dir)
+from .layout import (
+                      BUILD_COMPLETE_FILE,
+                      SNAPSHOT_META_FILE,
+                      STORE_FILE,
+                      DirectoryLock,
+                      aside_dir,
+                      recover_index_dir,
+                      replace_index_dir,
+                      staging_dir,
+)
 from .settings import IndexSettings
 
 __all__ = [

@@ -36,8 +36,8 @@ from . import snapshot
 from .ann import Graph, exact_top_k, similarity
 from .backend import Candidate, Candidates, Filter, StoredDoc
 from .filters import filter_sql, metadata_matches
-from .lexical import match_expression, query_terms
 from .layout import STORE_FILE, DirectoryLock, recover_index_dir
+from .lexical import match_expression, query_terms
 from .settings import IndexSettings
 from .store import DocumentStore
 
@@ -211,7 +211,7 @@ class DocumentIndex:
                     limit: int | None = None) -> list[Candidate]:
         """Candidates for those of `keys` found in `ids` (key -> id), in order, at most `limit`."""
         out: list[Candidate] = []
-        for key, score in zip(keys.tolist(), similarity(self._settings.metric, distances).tolist()):
+        for key, score in zip(keys.tolist(), similarity(self._settings.metric, distances).tolist(), strict=True):
             if key in ids:
                 out.append(Candidate(ids[key], score, len(out)))
                 if limit is not None and len(out) == limit:
@@ -256,7 +256,8 @@ class DocumentIndex:
 
         keys, scores = exact_top_k(self._settings.metric, q, matching(), k)
         ids = self._store.ids_of(keys[0])
-        hits = [Candidate(ids[int(key)], float(score), rank) for rank, (key, score) in enumerate(zip(keys[0], scores[0]))]
+        hits = [Candidate(ids[int(key)], float(score), rank)
+                for rank, (key, score) in enumerate(zip(keys[0], scores[0], strict=True))]
         return Candidates(hits, exhausted=matched < k, strategy="scan")
 
     def lexical_search(self, text: str, k: int, *, filter: Filter | None = None) -> Candidates:
@@ -278,8 +279,8 @@ class DocumentIndex:
             hits: list[Candidate] = []
             scan = self._store.lexical_scan(match, condition, params)
             try:
-                for rows in scan:
-                    for doc_id, meta, score in rows:
+                for batch in scan:
+                    for doc_id, meta, score in batch:
                         if metadata_matches(json.loads(meta), filter):
                             hits.append(Candidate(doc_id, score, len(hits)))
                             if len(hits) == k:
@@ -313,7 +314,8 @@ class DocumentIndex:
             keys, scores = exact_top_k(self._settings.metric, qs, self._store.iter_vectors(), k)
             ids = self._store.ids_of(np.unique(keys))
         return [Candidates([Candidate(ids[int(key)], float(score), rank)
-                            for rank, (key, score) in enumerate(zip(keys[i], scores[i]))], strategy="exact")
+                            for rank, (key, score) in enumerate(zip(keys[i], scores[i], strict=True))],
+                           strategy="exact")
                 for i in range(len(qs))]
 
     # ------------------------------------------------------------------ reads

@@ -55,13 +55,15 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import json
 import logging
 import threading
 import time
 import unicodedata
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Callable, Iterator, Mapping, Protocol, Sequence, TypeVar
+from typing import TYPE_CHECKING, Protocol, TypeVar
 
 import numpy as np
 
@@ -140,7 +142,7 @@ class MilvusSettings:
     timeout_s: float = 10.0
 
     @classmethod
-    def from_config(cls, config: "Config") -> "MilvusSettings":
+    def from_config(cls, config: Config) -> MilvusSettings:
         return cls(uri=config.milvus_uri, collection=config.milvus_collection, token=config.milvus_token,
                    metric=config.index_metric, connectivity=int(config.index_connectivity),
                    expansion_add=int(config.index_expansion_add),
@@ -165,7 +167,7 @@ class ModelFingerprint:
     dimension: int
 
     @classmethod
-    def of(cls, model: "_EmbeddingModel") -> "ModelFingerprint":
+    def of(cls, model: _EmbeddingModel) -> ModelFingerprint:
         """From a loaded embedding model (its manifest name, ONNX sha256 and dimension)."""
         return cls(str(model.name), str(model.sha256), int(model.dimension))
 
@@ -174,7 +176,7 @@ class ModelFingerprint:
                 f"{PROPERTY_PREFIX}dimension": str(self.dimension)}
 
     @classmethod
-    def from_properties(cls, props: Mapping[str, str]) -> "ModelFingerprint | None":
+    def from_properties(cls, props: Mapping[str, str]) -> ModelFingerprint | None:
         try:
             return cls(props[f"{PROPERTY_PREFIX}model"], props[f"{PROPERTY_PREFIX}model_sha256"],
                        int(props[f"{PROPERTY_PREFIX}dimension"]))
@@ -372,7 +374,7 @@ class MilvusIndex:
             raise ValueError(f"metric {settings.metric!r} not one of {tuple(METRIC_OF)}")
         self.settings = settings
         self.fingerprint = fingerprint
-        self._client: "MilvusClient | None" = None
+        self._client: MilvusClient | None = None
         self._connect_lock = threading.Lock()
         self._write_mutex = threading.Lock()
         self._verified = False  # the collection behind the name was checked against the fingerprint
@@ -383,7 +385,7 @@ class MilvusIndex:
     # ------------------------------------------------------------------ opening
     @classmethod
     def open(cls, settings: MilvusSettings, fingerprint: ModelFingerprint, *,
-             properties: Mapping[str, str] | None = None) -> "MilvusIndex":
+             properties: Mapping[str, str] | None = None) -> MilvusIndex:
         """Connect, creating the collection when it does not exist (with extra `properties`)."""
         index = cls(settings, fingerprint)
         try:
@@ -407,7 +409,7 @@ class MilvusIndex:
             self._ensure_loaded()
             self._refresh_count()
 
-    def _new_client(self) -> "MilvusClient":
+    def _new_client(self) -> MilvusClient:
         try:
             from pymilvus import MilvusClient
             from pymilvus.exceptions import ConnectionConfigException
@@ -442,7 +444,7 @@ class MilvusIndex:
             server_manager_instance.release_server(self.settings.uri)
 
     @property
-    def client(self) -> "MilvusClient":
+    def client(self) -> MilvusClient:
         if self._client is None:
             raise Unavailable(f"not connected to Milvus at {self.settings.safe_uri} yet")
         return self._client
@@ -567,7 +569,7 @@ class MilvusIndex:
         if self._closed:
             raise FailedPrecondition(f"the Milvus index {self.settings.collection!r} is closed")
 
-    def _ready(self) -> "MilvusClient":
+    def _ready(self) -> MilvusClient:
         self._check_open()
         if not self._verified:
             self.connect(create=False)
@@ -726,8 +728,8 @@ class MilvusIndex:
             expr = _ids_expression(chunk)
             if not expr:
                 continue
-            rows += self._call("reading documents", lambda: c.query(
-                name, filter=expr, output_fields=fields, consistency_level="Strong", timeout=timeout))
+            rows += self._call("reading documents", functools.partial(
+                c.query, name, filter=expr, output_fields=fields, consistency_level="Strong", timeout=timeout))
         return rows
 
     def get(self, ids: Sequence[str]) -> dict[str, StoredDoc]:
@@ -745,7 +747,7 @@ class MilvusIndex:
         """Insert or replace `docs` (row i of `vectors` is docs[i]'s embedding). Returns (inserted, updated)."""
         matrix = check_documents(docs, vectors, self.dimension, self.settings.metric)
         rows = [{"id": d.id, "text": d.text, "title": d.title, "lexical": embedding_text(d.title, d.text),
-                 "metadata": d.metadata, "vector": v.tolist()} for d, v in zip(docs, matrix)]
+                 "metadata": d.metadata, "vector": v.tolist()} for d, v in zip(docs, matrix, strict=True)]
         with self._write_mutex:
             c = self._ready()
             old = self.existing_ids([d.id for d in docs])
@@ -765,8 +767,8 @@ class MilvusIndex:
             if found:
                 present = [i for i in ids if i in found]
                 for chunk in _chunks(present):
-                    self._call("deleting documents", lambda: c.delete(self.settings.collection, ids=list(chunk),
-                                                                      timeout=self.settings.timeout_s))
+                    self._call("deleting documents", functools.partial(
+                        c.delete, self.settings.collection, ids=list(chunk), timeout=self.settings.timeout_s))
                 self._refresh_count()
         return len(found), [i for i in ids if i not in found]
 
@@ -787,7 +789,7 @@ class MilvusIndex:
                 if _is_local(self.settings.uri):
                     self._release_local()
 
-    def __enter__(self) -> "MilvusIndex":
+    def __enter__(self) -> MilvusIndex:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -834,9 +836,9 @@ def _properties(index: MilvusIndex, name: str) -> dict[str, str]:
     return {str(k): str(v) for k, v in (desc.get("properties") or {}).items()}
 
 
-def build_collection(corpus: "Path | str", settings: MilvusSettings, fingerprint: ModelFingerprint,
+def build_collection(corpus: Path | str, settings: MilvusSettings, fingerprint: ModelFingerprint,
                      embed: Callable[[list[str]], np.ndarray], *, batch_size: int = 256, progress: bool = True,
-                     progress_stream: "TextIO | None" = None) -> "BuildReport":
+                     progress_stream: TextIO | None = None) -> BuildReport:
     """Embed every document of `corpus` into a new collection and make `settings.collection` name it.
 
     The name is a Milvus alias, switched in one step, so servers on it move from the old documents to the
@@ -880,7 +882,8 @@ def build_collection(corpus: "Path | str", settings: MilvusSettings, fingerprint
                 staging = str(other)
             else:
                 log.info("dropping the leftover build collection %s", other)
-                admin._call("dropping a collection", lambda: c.drop_collection(other, timeout=settings.timeout_s))
+                admin._call("dropping a collection",
+                            functools.partial(c.drop_collection, other, timeout=settings.timeout_s))
         resumed = staging is not None
         staging = staging or name + BUILD_INFIX + time.strftime("%Y%m%dT%H%M%S", time.gmtime())
         embedded = skipped = 0

@@ -20,8 +20,8 @@ import contextlib
 import json
 import logging
 import sqlite3
-import time
 import threading
+import time
 from collections.abc import Generator, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import TypeVar
@@ -300,7 +300,7 @@ class DocumentStore:
     def insert(self, docs: Sequence[StoredDoc], vectors: np.ndarray) -> list[int]:
         """Add `docs` with their vectors; returns the new keys in order."""
         keys = []
-        for doc, vector in zip(docs, vectors):
+        for doc, vector in zip(docs, vectors, strict=True):
             metadata = json.dumps(doc.metadata, allow_nan=False, ensure_ascii=False, separators=(",", ":"))
             cur = self.writer.execute(
                 "INSERT INTO documents(id, text, title, metadata, vector) VALUES (?, ?, ?, ?, ?)",
