@@ -224,6 +224,13 @@ def _non_negative(text: str) -> int:
     return value
 
 
+def _unit_interval(text: str) -> float:
+    value = float(text)
+    if not 0.0 <= value <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be between 0 and 1 (got {value})")
+    return value
+
+
 def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.description = (f"{parser.description}\n\nRanks count from 0, in the table as in --json and the proto: "
                           "rank is the hit's position\nin the answer, retrieval_rank its position among the stage-1 "
@@ -232,7 +239,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--top-k", type=_non_negative, default=0,
                         help="hits to return (default: 0 = the server's default, 10 unless configured)")
     parser.add_argument("--candidates", type=_non_negative, default=0,
-                        help="stage-1 candidates to retrieve and rerank (default: 0 = the server's default, 100)")
+                        help="stage-1 candidates to retrieve and rerank (default: 0 = the server's default, 20)")
     parser.add_argument("--skip-rerank", action="store_true",
                         help="stage 1 only: rank by bi-encoder similarity, no cross-encoder (default: rerank)")
     parser.add_argument("--filter", type=_json_object, default=None, metavar="JSON",
@@ -240,8 +247,21 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                              '(default: none)')
     parser.add_argument("--ids-only", action="store_true",
                         help="return ids and scores only, no text or metadata (default: full documents)")
+    parser.add_argument("--mode", choices=("dense", "lexical", "hybrid"), default="",
+                        help="stage-1 retrieval: dense (bi-encoder), lexical (BM25) or hybrid (both, fused) "
+                             "(default: the server's, hybrid unless configured)")
+    parser.add_argument("--fusion", choices=("convex", "rrf"), default="",
+                        help="how hybrid retrieval fuses its two lists (default: the server's, convex)")
+    parser.add_argument("--fusion-weight", type=_unit_interval, default=None, metavar="W",
+                        help="convex fusion: weight of the dense list, 0-1 (default: the server's)")
+    parser.add_argument("--rerank-weight", type=_unit_interval, default=None, metavar="W",
+                        help="weight of the cross-encoder in the final score, 0-1; 1 = cross-encoder alone "
+                             "(default: the server's rule, query-adaptive unless configured)")
+    parser.add_argument("--latency-budget-ms", type=_non_negative, default=0,
+                        help="latency budget for the whole request in ms: reranking is cut short rather than late "
+                             "(default: 0 = the server's default)")
     parser.add_argument("--rerank-budget-ms", type=_non_negative, default=0,
-                        help="latency budget for reranking in ms; the rest keep stage-1 order (default: 0 = none)")
+                        help="deprecated alias of --latency-budget-ms")
     parser.add_argument("--raw-scores", action="store_true",
                         help="raw cross-encoder logits instead of normalized scores (default: normalized)")
     parser.add_argument("--max-query-tokens", type=_non_negative, default=0,
@@ -259,7 +279,9 @@ def run_search(args: argparse.Namespace) -> int:
         result = client.search(args.query, top_k=args.top_k, candidates=args.candidates, skip_rerank=args.skip_rerank,
                                filter=args.filter, ids_only=args.ids_only, rerank_budget_ms=args.rerank_budget_ms,
                                raw_scores=args.raw_scores, max_query_tokens=args.max_query_tokens,
-                               max_document_tokens=args.max_document_tokens, expansion_search=args.expansion_search)
+                               max_document_tokens=args.max_document_tokens, expansion_search=args.expansion_search,
+                               retrieval_mode=args.mode, fusion=args.fusion, fusion_weight=args.fusion_weight,
+                               rerank_weight=args.rerank_weight, latency_budget_ms=args.latency_budget_ms)
     if args.json:
         print_json(result, sys.stdout)
     else:

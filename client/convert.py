@@ -9,6 +9,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from typing import TypeVar
 
 from google.protobuf import json_format, struct_pb2
+from google.protobuf.internal.enum_type_wrapper import EnumTypeWrapper
 from google.protobuf.message import Message
 
 from twostage.client.types import (BatchingInfo, Defaults, DeleteResult, Document, EmbedResult, IndexInfo, Info,
@@ -106,14 +107,38 @@ def document_from_proto(message: pb.Document) -> Document:
 def search_request(query: str, *, top_k: int = 0, candidates: int = 0, skip_rerank: bool = False,
                    filter: Mapping[str, JsonValue] | None = None, ids_only: bool = False, rerank_budget_ms: int = 0,
                    raw_scores: bool = False, max_query_tokens: int = 0, max_document_tokens: int = 0,
-                   expansion_search: int = 0) -> pb.SearchRequest:
+                   expansion_search: int = 0, retrieval_mode: str = "", fusion: str = "",
+                   fusion_weight: float | None = None, rerank_weight: float | None = None,
+                   latency_budget_ms: int = 0) -> pb.SearchRequest:
     request = pb.SearchRequest(query=query, top_k=top_k, candidates=candidates, skip_rerank=skip_rerank,
                                ids_only=ids_only, rerank_budget_ms=rerank_budget_ms, raw_scores=raw_scores,
                                max_query_tokens=max_query_tokens, max_document_tokens=max_document_tokens,
-                               expansion_search=expansion_search)
+                               expansion_search=expansion_search, latency_budget_ms=latency_budget_ms,
+                               retrieval_mode=_enum_value(pb.RetrievalMode, "RETRIEVAL_MODE_", retrieval_mode,
+                                                          "retrieval_mode"),
+                               fusion=_enum_value(pb.Fusion, "FUSION_", fusion, "fusion"))
+    if fusion_weight is not None:
+        request.fusion_weight = fusion_weight
+    if rerank_weight is not None:
+        request.rerank_weight = rerank_weight
     if filter:
         request.filter.CopyFrom(struct_from_dict(filter))
     return request
+
+
+def _enum_value(enum: EnumTypeWrapper, prefix: str, name: str, field: str) -> int:
+    """The proto enum value for an option name ("" = unspecified = the server default)."""
+    if not name:
+        return 0
+    try:
+        return int(enum.Value(prefix + name.upper()))
+    except ValueError:
+        names = [n.removeprefix(prefix).lower() for n in enum.keys() if not n.endswith("UNSPECIFIED")]
+        raise ValueError(f"{field}: {name!r} is not one of {names}") from None
+
+
+def _enum_name(enum: EnumTypeWrapper, prefix: str, value: int) -> str:
+    return "" if value == 0 else str(enum.Name(value)).removeprefix(prefix).lower()
 
 
 def truncation(truncate: bool) -> pb.Truncation:
@@ -124,13 +149,20 @@ def truncation(truncate: bool) -> pb.Truncation:
 def rerank_request(query: str, texts: Sequence[str] | None = None, *, document_ids: Sequence[str] | None = None,
                    top_n: int = 0, return_documents: bool = False, raw_scores: bool = False, truncate: bool = True,
                    max_query_tokens: int = 0, max_document_tokens: int = 0, chunk_long_documents: bool = False,
-                   chunk_overlap_tokens: int = 0) -> pb.RerankRequest:
+                   chunk_overlap_tokens: int = 0, latency_budget_ms: int = 0,
+                   first_stage_scores: Sequence[float] | None = None,
+                   rerank_weight: float | None = None) -> pb.RerankRequest:
     if isinstance(texts, str) or isinstance(document_ids, str):
         raise TypeError("rerank: texts and document_ids must be lists of strings, not a single string")
-    return pb.RerankRequest(query=query, texts=list(texts or ()), document_ids=list(document_ids or ()), top_n=top_n,
-                            return_documents=return_documents, raw_scores=raw_scores, truncation=truncation(truncate),
-                            max_query_tokens=max_query_tokens, max_document_tokens=max_document_tokens,
-                            chunk_long_documents=chunk_long_documents, chunk_overlap_tokens=chunk_overlap_tokens)
+    request = pb.RerankRequest(query=query, texts=list(texts or ()), document_ids=list(document_ids or ()),
+                               top_n=top_n, return_documents=return_documents, raw_scores=raw_scores,
+                               truncation=truncation(truncate), max_query_tokens=max_query_tokens,
+                               max_document_tokens=max_document_tokens, chunk_long_documents=chunk_long_documents,
+                               chunk_overlap_tokens=chunk_overlap_tokens, latency_budget_ms=latency_budget_ms,
+                               first_stage_scores=list(first_stage_scores or ()))
+    if rerank_weight is not None:
+        request.rerank_weight = rerank_weight
+    return request
 
 
 def embed_request(texts: Sequence[str], *, truncate: bool = True) -> pb.EmbedRequest:
@@ -165,7 +197,7 @@ def timing_from_proto(message: pb.Timing) -> Timing:
     return Timing(total_ms=message.total_ms, queue_ms=message.queue_ms, tokenize_ms=message.tokenize_ms,
                   inference_ms=message.inference_ms, embed=_from_flat_message(StageTiming, message.embed),
                   ann_ms=message.ann_ms, rerank=_from_flat_message(StageTiming, message.rerank),
-                  store_ms=message.store_ms)
+                  store_ms=message.store_ms, lexical_ms=message.lexical_ms)
 
 
 def score_kind_name(value: int) -> str:
@@ -177,16 +209,23 @@ def search_result_from_proto(message: pb.SearchResponse) -> SearchResult:
     hits = tuple(
         SearchHit(id=h.id, score=h.score, rerank_score=h.rerank_score, retrieval_score=h.retrieval_score,
                   reranked=h.reranked, retrieval_rank=h.retrieval_rank,
-                  document=document_from_proto(h.document) if h.HasField("document") else None)
+                  document=document_from_proto(h.document) if h.HasField("document") else None,
+                  dense_score=h.dense_score, lexical_score=h.lexical_score, dense_rank=h.dense_rank,
+                  lexical_rank=h.lexical_rank)
         for h in message.hits)
     return SearchResult(hits=hits, score_kind=score_kind_name(message.score_kind), candidates=message.candidates,
                         reranked=message.reranked, filter_exhausted=message.filter_exhausted,
-                        timing=timing_from_proto(message.timing))
+                        timing=timing_from_proto(message.timing),
+                        retrieval_mode=_enum_name(pb.RetrievalMode, "RETRIEVAL_MODE_", message.retrieval_mode),
+                        budget_limited=message.budget_limited, rerank_weight=message.rerank_weight,
+                        latency_budget_ms=message.latency_budget_ms)
 
 
 def rerank_results_from_proto(message: pb.RerankResponse) -> RerankResults:
     return RerankResults(results=tuple(_from_flat_message(RerankResult, r) for r in message.results),
-                         score_kind=score_kind_name(message.score_kind), timing=timing_from_proto(message.timing))
+                         score_kind=score_kind_name(message.score_kind), timing=timing_from_proto(message.timing),
+                         scored=message.scored, budget_limited=message.budget_limited,
+                         latency_budget_ms=message.latency_budget_ms)
 
 
 def embed_result_from_proto(message: pb.EmbedResponse) -> EmbedResult:
@@ -212,4 +251,12 @@ def info_from_proto(message: pb.InfoResponse) -> Info:
                 rerank_batching=_from_flat_message(BatchingInfo, message.rerank_batching),
                 index=_from_flat_message(IndexInfo, message.index),
                 limits=_from_flat_message(Limits, message.limits),
-                defaults=_from_flat_message(Defaults, message.defaults))
+                defaults=defaults_from_proto(message.defaults))
+
+
+def defaults_from_proto(message: pb.Defaults) -> Defaults:
+    return Defaults(top_k=message.top_k, candidates=message.candidates,
+                    chunk_overlap_tokens=message.chunk_overlap_tokens, latency_budget_ms=message.latency_budget_ms,
+                    retrieval_mode=_enum_name(pb.RetrievalMode, "RETRIEVAL_MODE_", message.retrieval_mode),
+                    fusion=_enum_name(pb.Fusion, "FUSION_", message.fusion), fusion_weight=message.fusion_weight,
+                    rerank_weight=message.rerank_weight)

@@ -84,8 +84,13 @@ def search_table(result: SearchResult, *, width: int | None = None) -> str:
                      format_score(hit.retrieval_score), hit.retrieval_rank, text])
     table = format_table(headers, rows, right=("rank", "score", "rerank", "retrieval", "retrieval_rank"),
                          max_width=width or terminal_width(), shrink="text")
-    summary = (f"{len(result.hits)} hits from {result.candidates} candidates, {result.reranked} reranked "
-               f"(scores: {result.score_kind}; {RANKS_NOTE}); {timing_line(result.timing)}")
+    mode = f"{result.retrieval_mode} stage 1, " if result.retrieval_mode else ""
+    weight = f", cross-encoder weight {result.rerank_weight:.2f}" if result.reranked else ""
+    summary = (f"{len(result.hits)} hits from {result.candidates} candidates ({mode}{result.reranked} reranked"
+               f"{weight}; scores: {result.score_kind}; {RANKS_NOTE}); {timing_line(result.timing)}")
+    if result.budget_limited:
+        summary += (f"\nnote: the latency budget ({result.latency_budget_ms} ms) cut reranking short: "
+                    f"{result.reranked} of {result.candidates} candidates reranked")
     if result.filter_exhausted:
         summary += "\nnote: the filter matched fewer documents than requested"
     return f"{table}\n{summary}"

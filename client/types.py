@@ -35,11 +35,16 @@ class SearchOptions(TypedDict, total=False):
     skip_rerank: bool
     filter: JsonObject | None
     ids_only: bool
-    rerank_budget_ms: int
+    rerank_budget_ms: int  # deprecated alias of latency_budget_ms
     raw_scores: bool
     max_query_tokens: int
     max_document_tokens: int
     expansion_search: int
+    retrieval_mode: str  # "dense", "lexical" or "hybrid" ("" = server default)
+    fusion: str  # "convex" or "rrf" ("" = server default)
+    fusion_weight: float | None  # convex fusion: weight of the dense list (None = server default)
+    rerank_weight: float | None  # weight of the cross-encoder in the final score (None = server default)
+    latency_budget_ms: int  # whole-request budget (0 = server default)
 
 
 class RerankOptions(TypedDict, total=False):
@@ -54,6 +59,9 @@ class RerankOptions(TypedDict, total=False):
     max_document_tokens: int
     chunk_long_documents: bool
     chunk_overlap_tokens: int
+    latency_budget_ms: int  # whole-request budget (0 = server default)
+    first_stage_scores: list[float] | tuple[float, ...] | None  # fused with the cross-encoder when given
+    rerank_weight: float | None  # cross-encoder weight for that fusion (None = server default)
 
 
 # ------------------------------------------------------------------------------------------ results
@@ -92,6 +100,7 @@ class Timing:
     ann_ms: float = 0.0
     rerank: StageTiming = StageTiming()
     store_ms: float = 0.0
+    lexical_ms: float = 0.0
 
 
 @dataclass(frozen=True)
@@ -103,6 +112,10 @@ class SearchHit:
     reranked: bool
     retrieval_rank: int  # 0-based position in the stage-1 candidate list (as in the proto)
     document: Document | None  # None when ids_only
+    dense_score: float = 0.0
+    lexical_score: float = 0.0
+    dense_rank: int = -1  # 0-based; -1 = not in the dense list
+    lexical_rank: int = -1  # 0-based; -1 = not in the lexical list
 
 
 @dataclass(frozen=True)
@@ -113,6 +126,10 @@ class SearchResult:
     reranked: int
     filter_exhausted: bool
     timing: Timing
+    retrieval_mode: str = ""  # "dense", "lexical" or "hybrid"
+    budget_limited: bool = False
+    rerank_weight: float = 0.0
+    latency_budget_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -124,6 +141,7 @@ class RerankResult:
     chunks: int
     best_chunk: int  # 0-based
     truncated: bool
+    scored: bool = True  # False: left out by the latency budget
 
 
 @dataclass(frozen=True)
@@ -131,6 +149,9 @@ class RerankResults:
     results: tuple[RerankResult, ...]
     score_kind: str
     timing: Timing
+    scored: int = 0
+    budget_limited: bool = False
+    latency_budget_ms: int = 0
 
 
 @dataclass(frozen=True)
@@ -216,6 +237,11 @@ class Defaults:
     top_k: int = 0
     candidates: int = 0
     chunk_overlap_tokens: int = 0
+    latency_budget_ms: int = 0
+    retrieval_mode: str = ""
+    fusion: str = ""
+    fusion_weight: float = 0.0
+    rerank_weight: float = 0.0  # negative = query-adaptive
 
 
 @dataclass(frozen=True)

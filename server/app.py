@@ -33,7 +33,7 @@ from twostage.server.index.settings import IndexSettings
 from twostage.server.metrics import Metrics
 from twostage.server.index.milvus import MilvusIndex, MilvusSettings, ModelFingerprint
 from twostage.server.roles import BatchLimits, EmbeddingRole, RerankRole, inference_pool, session_settings
-from twostage.server.service import TwoStageService
+from twostage.server.service import FUSION, RETRIEVAL_MODE, TwoStageService
 from twostage.v1 import twostage_pb2 as pb
 from twostage.v1 import twostage_pb2_grpc as pb_grpc
 
@@ -112,7 +112,9 @@ def build_info(config: Config, engine: Engine) -> pb.InfoResponse:
                          max_top_k=config.max_top_k, max_candidates=config.max_candidates,
                          max_message_bytes=config.max_message_bytes, max_concurrent_rpcs=config.max_concurrent_rpcs),
         defaults=pb.Defaults(top_k=config.default_top_k, candidates=config.default_candidates,
-                             chunk_overlap_tokens=config.default_chunk_overlap_tokens),
+                             chunk_overlap_tokens=config.default_chunk_overlap_tokens,
+                             retrieval_mode=RETRIEVAL_MODE[config.retrieval_mode], fusion=FUSION[config.fusion],
+                             fusion_weight=config.fusion_weight, rerank_weight=config.rerank_weight),
     )
 
 

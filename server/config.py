@@ -89,9 +89,15 @@ class Config:
     max_candidates: int = knob(1000, "largest Search candidates")
     # -- defaults for fields left at 0
     default_top_k: int = knob(10, "Search top_k when 0")
-    default_candidates: int = knob(100, "Search candidates when 0")
+    default_candidates: int = knob(20, "Search candidates (stage-1 hits reranked) when 0")
     default_chunk_overlap_tokens: int = knob(32, "Rerank chunk_overlap_tokens when 0 (long-document mode)")
     filter_overfetch: int = knob(4, "with a metadata filter, fetch this many times more candidates per round")
+    # -- retrieval and fusion (docs/benchmarks.md#hybrid-retrieval has the measurements behind the defaults)
+    retrieval_mode: str = knob("hybrid", "Search stage 1 when a request leaves it unspecified", choices=("dense", "lexical", "hybrid"))
+    fusion: str = knob("convex", "how hybrid retrieval fuses the dense and lexical lists", choices=("convex", "rrf"))
+    fusion_weight: float = knob(0.5, "convex fusion: weight of the dense list in [0, 1] (the lexical list gets the rest)")
+    hybrid_depth: int = knob(100, "hybrid retrieval: hits taken from each list before fusion (at least the request's candidates)")
+    rerank_weight: float = knob(-1.0, "weight of the cross-encoder in a reranked hit's final score, in [0, 1] (1 = cross-encoder alone); negative = query-adaptive (set per query from the cross-encoder's own scores)")
     # -- logging
     log_level: str = knob("info", "log level", choices=("debug", "info", "warning", "error"))
     log_format: str = knob("json", "log format", choices=("json", "text"))
@@ -135,6 +141,12 @@ class Config:
         for name in positive:
             if getattr(self, name) <= 0:
                 problems.append(f"{name} must be > 0 (got {getattr(self, name)})")
+        if not 0.0 <= self.fusion_weight <= 1.0:
+            problems.append(f"fusion_weight must be in [0, 1] (got {self.fusion_weight})")
+        if not self.rerank_weight <= 1.0:
+            problems.append(f"rerank_weight must be at most 1 (negative = query-adaptive; got {self.rerank_weight})")
+        if self.hybrid_depth <= 0:
+            problems.append(f"hybrid_depth must be > 0 (got {self.hybrid_depth})")
         if bool(self.tls_cert) != bool(self.tls_key):
             problems.append("tls_cert and tls_key must be given together")
         if self.tls_client_ca and not self.tls_cert:

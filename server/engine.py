@@ -16,11 +16,15 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from twostage.server import fusion
 from twostage.server.batcher import BatchStats, InferencePool
 from twostage.server.config import Config
 from twostage.server.errors import FailedPrecondition, InvalidArgument, NotFound
-from twostage.server.index.backend import IndexBackend, StoredDoc, embedding_text
+from twostage.server.index.backend import Candidates, IndexBackend, StoredDoc, embedding_text
 from twostage.server.roles import EmbeddingRole, RerankRole
+
+
+RETRIEVAL_MODES = ("dense", "lexical", "hybrid")
 
 
 # ----------------------------------------------------------------------------------------- results
@@ -49,6 +53,7 @@ class Timing:
     embed: StageTiming = field(default_factory=StageTiming)
     rerank: StageTiming = field(default_factory=StageTiming)
     ann_ms: float = 0.0
+    lexical_ms: float = 0.0
     store_ms: float = 0.0
     total_ms: float = 0.0
 
@@ -66,6 +71,12 @@ class Hit:
     reranked: bool
     retrieval_rank: int
     document: StoredDoc | None
+    dense_score: float | None = None      # None: not in the dense list
+    dense_rank: int | None = None
+    lexical_score: float | None = None    # None: not in the lexical list
+    lexical_rank: int | None = None
+    rerank_normalized: float = 0.0        # the cross-encoder's normalized score, whatever score_kind says
+    rerank_raw: float = 0.0               # and its raw score (logit)
 
 
 @dataclass
@@ -76,6 +87,9 @@ class SearchOutcome:
     reranked: int
     filter_exhausted: bool
     timing: Timing
+    retrieval_mode: str = "dense"
+    rerank_weight: float = 0.0            # the weight applied; 0 when nothing was reranked
+    budget_limited: bool = False
 
 
 @dataclass
@@ -286,10 +300,16 @@ class Engine:
         return RerankOutcome(results=results, score_kind="raw" if raw else "normalized", timing=timing.finish())
 
     # ---------------------------------------------------------------- search
+    def _check_weight(self, name: str, value: float | None) -> None:
+        if value is not None and not (math.isfinite(value) and 0.0 <= value <= 1.0):
+            raise InvalidArgument(name, f"is {value}; must be between 0 and 1 (unset = server default)")
+
     async def search(self, query: str, *, top_k: int = 0, candidates: int = 0, skip_rerank: bool = False,
                      filter: dict[str, Any] | None = None, ids_only: bool = False, rerank_budget_ms: int = 0,
                      raw: bool = False, max_query_tokens: int = 0, max_doc_tokens: int = 0,
-                     expansion_search: int = 0, deadline: float | None = None) -> SearchOutcome:
+                     expansion_search: int = 0, retrieval_mode: str = "", fusion_method: str = "",
+                     fusion_weight: float | None = None, rerank_weight: float | None = None,
+                     deadline: float | None = None) -> SearchOutcome:
         cfg = self.config
         check_text("query", query, cfg.max_query_bytes)
         check_range("top_k", top_k, cfg.max_top_k)
@@ -297,28 +317,37 @@ class Engine:
         check_filter(filter, cfg.max_filter_keys)
         if expansion_search < 0 or expansion_search > 4096:
             raise InvalidArgument("expansion_search", f"is {expansion_search}; must be between 1 and 4096 (0 = default)")
+        mode = retrieval_mode or cfg.retrieval_mode
+        if mode not in RETRIEVAL_MODES:
+            raise InvalidArgument("retrieval_mode", f"is {mode!r}; must be one of {', '.join(RETRIEVAL_MODES)}")
+        method = fusion_method or cfg.fusion
+        if method not in fusion.FUSIONS:
+            raise InvalidArgument("fusion", f"is {method!r}; must be one of {', '.join(fusion.FUSIONS)}")
+        self._check_weight("fusion_weight", fusion_weight)
+        self._check_weight("rerank_weight", rerank_weight)
         self._validate_rerank_query(query, max_query_tokens, max_doc_tokens)
         top_k = top_k or cfg.default_top_k
         n_candidates = max(candidates or cfg.default_candidates, top_k)
         timing = Timing()
 
-        vector = (await self._embed_texts([query], timing, deadline, max_tokens=max_query_tokens, field_name="query"))[0]
-        t0 = time.perf_counter()
-        found = await asyncio.to_thread(self.index.search, vector, n_candidates,
-                                        expansion_search=expansion_search or None, filter=filter or None)
-        timing.ann_ms = (time.perf_counter() - t0) * 1000.0
-        cands = found.hits
+        fused, exhausted = await self._stage_one(query, mode, method, cfg.fusion_weight if fusion_weight is None
+                                                 else fusion_weight, n_candidates, filter or None,
+                                                 expansion_search, max_query_tokens, timing, deadline)
+        fused = fused[:n_candidates]
         need_docs = (not skip_rerank) or (not ids_only)
         stored: dict[str, StoredDoc] = {}
-        if need_docs and cands:
+        if need_docs and fused:
             t0 = time.perf_counter()
-            stored = await asyncio.to_thread(self.index.get, [h.id for h in cands])
+            stored = await asyncio.to_thread(self.index.get, [f.id for f in fused])
             timing.store_ms += (time.perf_counter() - t0) * 1000.0
-            cands = [h for h in cands if h.id in stored]  # deleted between ANN and fetch
+            fused = [f for f in fused if f.id in stored]  # deleted since stage 1 ran
 
-        hits = [Hit(id=h.id, score=float(h.score), rerank_score=0.0, retrieval_score=float(h.score), reranked=False,
-                    retrieval_rank=i, document=None if ids_only else stored.get(h.id)) for i, h in enumerate(cands)]
+        hits = [Hit(id=f.id, score=f.score, rerank_score=0.0, retrieval_score=f.score, reranked=False,
+                    retrieval_rank=i, document=None if ids_only else stored.get(f.id),
+                    dense_score=f.dense_score, dense_rank=f.dense_rank, lexical_score=f.lexical_score,
+                    lexical_rank=f.lexical_rank) for i, f in enumerate(fused)]
         n_reranked = 0
+        applied_weight = 0.0
         score_kind = "similarity"
         if not skip_rerank and hits:
             score_kind = "raw" if raw else "normalized"
@@ -326,19 +355,75 @@ class Engine:
             n_reranked = await self._rerank_hits(query, hits, texts, timing, deadline, raw=raw,
                                                  budget_ms=rerank_budget_ms, max_query_tokens=max_query_tokens,
                                                  max_doc_tokens=max_doc_tokens)
-            done = sorted(hits[:n_reranked], key=lambda h: (-h.rerank_score, h.retrieval_rank))
-            hits = done + hits[n_reranked:]
+            applied_weight = self._final_scores(hits, n_reranked, cfg.rerank_weight if rerank_weight is None
+                                                else rerank_weight) if n_reranked else 0.0
+            hits = sorted(hits, key=lambda h: (-h.score, h.retrieval_rank))
         hits = hits[:top_k]
-        return SearchOutcome(hits=hits, score_kind=score_kind, candidates=len(cands), reranked=n_reranked,
-                             filter_exhausted=bool(filter) and found.exhausted and len(cands) < top_k,
-                             timing=timing.finish())
+        return SearchOutcome(hits=hits, score_kind=score_kind, candidates=len(fused), reranked=n_reranked,
+                             filter_exhausted=bool(filter) and exhausted and len(fused) < top_k,
+                             timing=timing.finish(), retrieval_mode=mode, rerank_weight=applied_weight,
+                             budget_limited=not skip_rerank and n_reranked < len(fused))
+
+    async def _stage_one(self, query: str, mode: str, method: str, dense_weight: float, n_candidates: int,
+                         flt: dict[str, Any] | None, expansion_search: int, max_query_tokens: int, timing: Timing,
+                         deadline: float | None) -> tuple[list[fusion.Fused], bool]:
+        """The stage-1 list of `mode` and whether a filter exhausted the index. In hybrid mode the lexical search
+        runs on a thread while the query is embedded, and each list is `hybrid_depth` deep (at least
+        n_candidates) so that fusion sees more than the candidates it keeps."""
+        depth = max(n_candidates, self.config.hybrid_depth) if mode == "hybrid" else n_candidates
+
+        async def lexical() -> Candidates:
+            t0 = time.perf_counter()
+            found = await asyncio.to_thread(self.index.lexical_search, query, depth, filter=flt)
+            timing.lexical_ms = (time.perf_counter() - t0) * 1000.0
+            return found
+
+        lexical_task = asyncio.ensure_future(lexical()) if mode in ("lexical", "hybrid") else None
+        try:
+            dense = None
+            if mode in ("dense", "hybrid"):
+                vector = (await self._embed_texts([query], timing, deadline, max_tokens=max_query_tokens,
+                                                  field_name="query"))[0]
+                t0 = time.perf_counter()
+                dense = await asyncio.to_thread(self.index.search, vector, depth,
+                                                expansion_search=expansion_search or None, filter=flt)
+                timing.ann_ms = (time.perf_counter() - t0) * 1000.0
+            found_lexical = await lexical_task if lexical_task is not None else None
+        except BaseException:
+            if lexical_task is not None and not lexical_task.done():
+                lexical_task.cancel()
+            raise
+        as_ranked = lambda found: [fusion.Ranked(h.id, float(h.score), h.rank) for h in found.hits]  # noqa: E731
+        if dense is not None and found_lexical is not None:
+            return fusion.fuse(as_ranked(dense), as_ranked(found_lexical), method, dense_weight), dense.exhausted
+        if dense is not None:
+            return fusion.single(as_ranked(dense), "dense"), dense.exhausted
+        assert found_lexical is not None
+        return fusion.single(as_ranked(found_lexical), "lexical"), found_lexical.exhausted
+
+    def _final_scores(self, hits: list[Hit], n_reranked: int, weight: float) -> float:
+        """Set every hit's `score` from its cross-encoder and stage-1 scores (SearchHit.score in the proto says
+        how); return the cross-encoder weight applied (`weight`, or the query-adaptive one when negative).
+        The reranked hits are the stage-1 prefix, so the rest always follow them."""
+        done = hits[:n_reranked]
+        ce = np.array([h.rerank_normalized for h in done])
+        if weight < 0:
+            weight = fusion.adaptive_rerank_weight([h.rerank_raw for h in done])
+        if weight >= 1.0:
+            for h in done:
+                h.score = h.rerank_score
+            return 1.0
+        stage1 = fusion.min_max([h.retrieval_score for h in hits])
+        ce_norm = fusion.min_max(ce)
+        for i, h in enumerate(hits):
+            h.score = float((1.0 - weight) * stage1[i] + (weight * ce_norm[i] if i < n_reranked else 0.0))
+        return weight
 
     async def _rerank_hits(self, query: str, hits: list[Hit], texts: list[str], timing: Timing,
                            deadline: float | None, *, raw: bool, budget_ms: int, max_query_tokens: int,
                            max_doc_tokens: int) -> int:
-        """Score hits in stage-1 order. With a budget: one batch-sized slice at a time while the budget lasts."""
-        kwargs = dict(max_query_tokens=max_query_tokens, max_doc_tokens=max_doc_tokens, truncate=True,
-                      chunk_long=False, chunk_overlap=0, want_raw=raw)
+        """Score hits in stage-1 order; return how many (a prefix) were scored. With a budget: one batch-sized
+        slice at a time while the budget lasts."""
         if budget_ms <= 0:
             slices = [(0, len(hits))]
         else:
@@ -353,11 +438,17 @@ class Engine:
                 if elapsed + slowest > budget_ms:
                     break
             t0 = time.perf_counter()
-            final, *_ = await self._score_pairs(query, texts[lo:hi], timing, deadline, **kwargs)
+            scored = await self.reranker.score(query, texts[lo:hi], deadline=deadline,
+                                               max_query_tokens=max_query_tokens, max_doc_tokens=max_doc_tokens,
+                                               truncate=True, chunk_long=False, chunk_overlap=0)
+            timing.rerank.tokenize_ms += scored.tokenize_ms
+            timing.rerank.add(scored.stats)
             slowest = max(slowest, (time.perf_counter() - t0) * 1000.0)
-            for h, s in zip(hits[lo:hi], final):
-                h.rerank_score = float(s)
-                h.score = float(s)
+            d = scored.documents
+            for h, r, n in zip(hits[lo:hi], d.raw, d.normalized):
+                h.rerank_score = float(r if raw else n)
+                h.rerank_normalized = float(n)
+                h.rerank_raw = float(r)
                 h.reranked = True
             done = hi
         return done

@@ -127,3 +127,23 @@ def rerank_fused(ce_scores: Sequence[float] | np.ndarray, stage1_scores: Sequenc
     if weight == 1.0:
         return ce
     return weight * min_max(ce) + (1.0 - weight) * min_max(stage1_scores)
+
+
+# Query-adaptive cross-encoder weight. A cross-encoder in its element gives its best candidate a high raw score
+# (logit) and deserves the say; out of its element its scores stay low and flat and stage 1 keeps more say:
+#   w = ADAPTIVE_LOW + (ADAPTIVE_HIGH - ADAPTIVE_LOW) * clip((top logit - LOGIT_FROM) / (LOGIT_TO - LOGIT_FROM), 0, 1)
+# The constants fit ms-marco-MiniLM-L-12-v2's logit scale (docs/benchmarks.md#hybrid-retrieval has the figures and
+# how they were chosen); another cross-encoder needs its own, which `twostage evaluate --tune` measures.
+ADAPTIVE_LOW = 0.4
+ADAPTIVE_HIGH = 1.0
+LOGIT_FROM = 6.0
+LOGIT_TO = 8.0
+
+
+def adaptive_rerank_weight(ce_raw: Sequence[float] | np.ndarray) -> float:
+    """The cross-encoder weight for one query from its raw scores (logits) over the reranked hits."""
+    scores = np.asarray(ce_raw, dtype=np.float64)
+    if scores.size == 0:
+        return ADAPTIVE_LOW
+    trust = float(np.clip((scores.max() - LOGIT_FROM) / (LOGIT_TO - LOGIT_FROM), 0.0, 1.0))
+    return ADAPTIVE_LOW + (ADAPTIVE_HIGH - ADAPTIVE_LOW) * trust

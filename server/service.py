@@ -28,6 +28,11 @@ STATUS_OF: dict[type, grpc.StatusCode] = {
     errors.Unavailable: grpc.StatusCode.UNAVAILABLE,
 }
 
+RETRIEVAL_MODE = {"dense": pb.RETRIEVAL_MODE_DENSE, "lexical": pb.RETRIEVAL_MODE_LEXICAL,
+                  "hybrid": pb.RETRIEVAL_MODE_HYBRID}
+MODE_NAME = {v: k for k, v in RETRIEVAL_MODE.items()}
+FUSION = {"rrf": pb.FUSION_RRF, "convex": pb.FUSION_CONVEX}
+FUSION_NAME = {v: k for k, v in FUSION.items()}
 SCORE_KIND = {"normalized": pb.SCORE_KIND_NORMALIZED, "raw": pb.SCORE_KIND_RAW, "similarity": pb.SCORE_KIND_SIMILARITY}
 
 
@@ -40,7 +45,8 @@ def timing_pb(t: Timing) -> pb.Timing:
     return pb.Timing(total_ms=t.total_ms, queue_ms=t.embed.queue_ms + t.rerank.queue_ms,
                      tokenize_ms=t.embed.tokenize_ms + t.rerank.tokenize_ms,
                      inference_ms=t.embed.inference_ms + t.rerank.inference_ms,
-                     embed=_stage_pb(t.embed), ann_ms=t.ann_ms, rerank=_stage_pb(t.rerank), store_ms=t.store_ms)
+                     embed=_stage_pb(t.embed), ann_ms=t.ann_ms, rerank=_stage_pb(t.rerank), store_ms=t.store_ms,
+                     lexical_ms=t.lexical_ms)
 
 
 def struct_to_dict(s: struct_pb2.Struct, field: str) -> dict[str, Any]:
@@ -89,6 +95,15 @@ def _truncate(value: int) -> bool:
     if value not in pb.Truncation.values():
         raise errors.InvalidArgument("truncation", f"unknown value {value}; use TRUNCATION_END (1) or TRUNCATION_NONE (2)")
     return value != pb.TRUNCATION_NONE
+
+
+def _enum_name(names: dict[int, str], value: int, field: str) -> str:
+    """The engine's name of a proto enum value; "" for UNSPECIFIED (= the server default)."""
+    if value == 0:
+        return ""
+    if value not in names:
+        raise errors.InvalidArgument(field, f"unknown value {value}; use one of {sorted(names)} (0 = server default)")
+    return names[value]
 
 
 def _deadline(context: grpc.aio.ServicerContext) -> float | None:
@@ -149,19 +164,28 @@ class TwoStageService(pb_grpc.TwoStageServicer):
                 filter=struct_to_dict(request.filter, "filter"), ids_only=request.ids_only,
                 rerank_budget_ms=request.rerank_budget_ms, raw=request.raw_scores,
                 max_query_tokens=request.max_query_tokens, max_doc_tokens=request.max_document_tokens,
-                expansion_search=request.expansion_search, deadline=_deadline(context))
+                expansion_search=request.expansion_search,
+                retrieval_mode=_enum_name(MODE_NAME, request.retrieval_mode, "retrieval_mode"),
+                fusion_method=_enum_name(FUSION_NAME, request.fusion, "fusion"),
+                fusion_weight=request.fusion_weight if request.HasField("fusion_weight") else None,
+                rerank_weight=request.rerank_weight if request.HasField("rerank_weight") else None,
+                deadline=_deadline(context))
             hits = []
             for h in out.hits:
                 hit = pb.SearchHit(id=h.id, score=h.score, rerank_score=h.rerank_score,
                                    retrieval_score=h.retrieval_score, reranked=h.reranked,
-                                   retrieval_rank=h.retrieval_rank)
+                                   retrieval_rank=h.retrieval_rank,
+                                   dense_score=h.dense_score or 0.0, lexical_score=h.lexical_score or 0.0,
+                                   dense_rank=-1 if h.dense_rank is None else h.dense_rank,
+                                   lexical_rank=-1 if h.lexical_rank is None else h.lexical_rank)
                 if h.document is not None:
                     hit.document.CopyFrom(pb.Document(id=h.id, text=h.document.text, title=h.document.title,
                                                       metadata=dict_to_struct(h.document.metadata)))
                 hits.append(hit)
             return pb.SearchResponse(hits=hits, score_kind=SCORE_KIND[out.score_kind], candidates=out.candidates,
                                      reranked=out.reranked, filter_exhausted=out.filter_exhausted,
-                                     timing=timing_pb(out.timing))
+                                     timing=timing_pb(out.timing), retrieval_mode=RETRIEVAL_MODE[out.retrieval_mode],
+                                     budget_limited=out.budget_limited, rerank_weight=out.rerank_weight)
         return await self._call("Search", context, work)
 
     async def Rerank(self, request: pb.RerankRequest, context) -> pb.RerankResponse:

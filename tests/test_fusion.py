@@ -77,3 +77,12 @@ def test_rerank_fused_weight_one_is_the_cross_encoder_alone_and_zero_is_stage_on
     assert np.allclose(mixed, [0.5 * 0.0 + 0.5 * 1.0, 0.5 * 1.0 + 0.5 * 0.0, 0.5 * 0.5 + 0.5 * 0.5])
     with pytest.raises(ValueError):
         fusion.rerank_fused(ce, s1[:2], 0.5)
+
+
+def test_adaptive_weight_trusts_a_confident_cross_encoder_more():
+    low = fusion.adaptive_rerank_weight([fusion.LOGIT_FROM - 3, -2.0])
+    high = fusion.adaptive_rerank_weight([fusion.LOGIT_TO + 1, 0.0])
+    mid = fusion.adaptive_rerank_weight([(fusion.LOGIT_FROM + fusion.LOGIT_TO) / 2])
+    assert low == fusion.ADAPTIVE_LOW and high == fusion.ADAPTIVE_HIGH
+    assert low < mid < high and math.isclose(mid, (fusion.ADAPTIVE_LOW + fusion.ADAPTIVE_HIGH) / 2)
+    assert fusion.adaptive_rerank_weight([]) == fusion.ADAPTIVE_LOW

@@ -20,6 +20,19 @@ class ScoreKind(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     SCORE_KIND_NORMALIZED: _ClassVar[ScoreKind]
     SCORE_KIND_RAW: _ClassVar[ScoreKind]
     SCORE_KIND_SIMILARITY: _ClassVar[ScoreKind]
+
+class RetrievalMode(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RETRIEVAL_MODE_UNSPECIFIED: _ClassVar[RetrievalMode]
+    RETRIEVAL_MODE_DENSE: _ClassVar[RetrievalMode]
+    RETRIEVAL_MODE_LEXICAL: _ClassVar[RetrievalMode]
+    RETRIEVAL_MODE_HYBRID: _ClassVar[RetrievalMode]
+
+class Fusion(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    FUSION_UNSPECIFIED: _ClassVar[Fusion]
+    FUSION_RRF: _ClassVar[Fusion]
+    FUSION_CONVEX: _ClassVar[Fusion]
 TRUNCATION_UNSPECIFIED: Truncation
 TRUNCATION_END: Truncation
 TRUNCATION_NONE: Truncation
@@ -27,6 +40,13 @@ SCORE_KIND_UNSPECIFIED: ScoreKind
 SCORE_KIND_NORMALIZED: ScoreKind
 SCORE_KIND_RAW: ScoreKind
 SCORE_KIND_SIMILARITY: ScoreKind
+RETRIEVAL_MODE_UNSPECIFIED: RetrievalMode
+RETRIEVAL_MODE_DENSE: RetrievalMode
+RETRIEVAL_MODE_LEXICAL: RetrievalMode
+RETRIEVAL_MODE_HYBRID: RetrievalMode
+FUSION_UNSPECIFIED: Fusion
+FUSION_RRF: Fusion
+FUSION_CONVEX: Fusion
 
 class Document(_message.Message):
     __slots__ = ("id", "text", "title", "metadata", "embedding")
@@ -59,7 +79,7 @@ class StageTiming(_message.Message):
     def __init__(self, queue_ms: _Optional[float] = ..., tokenize_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., batches: _Optional[int] = ..., items: _Optional[int] = ..., tokens: _Optional[int] = ...) -> None: ...
 
 class Timing(_message.Message):
-    __slots__ = ("total_ms", "queue_ms", "tokenize_ms", "inference_ms", "embed", "ann_ms", "rerank", "store_ms")
+    __slots__ = ("total_ms", "queue_ms", "tokenize_ms", "inference_ms", "embed", "ann_ms", "rerank", "store_ms", "lexical_ms")
     TOTAL_MS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_MS_FIELD_NUMBER: _ClassVar[int]
     TOKENIZE_MS_FIELD_NUMBER: _ClassVar[int]
@@ -68,6 +88,7 @@ class Timing(_message.Message):
     ANN_MS_FIELD_NUMBER: _ClassVar[int]
     RERANK_FIELD_NUMBER: _ClassVar[int]
     STORE_MS_FIELD_NUMBER: _ClassVar[int]
+    LEXICAL_MS_FIELD_NUMBER: _ClassVar[int]
     total_ms: float
     queue_ms: float
     tokenize_ms: float
@@ -76,10 +97,11 @@ class Timing(_message.Message):
     ann_ms: float
     rerank: StageTiming
     store_ms: float
-    def __init__(self, total_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., tokenize_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., embed: _Optional[_Union[StageTiming, _Mapping]] = ..., ann_ms: _Optional[float] = ..., rerank: _Optional[_Union[StageTiming, _Mapping]] = ..., store_ms: _Optional[float] = ...) -> None: ...
+    lexical_ms: float
+    def __init__(self, total_ms: _Optional[float] = ..., queue_ms: _Optional[float] = ..., tokenize_ms: _Optional[float] = ..., inference_ms: _Optional[float] = ..., embed: _Optional[_Union[StageTiming, _Mapping]] = ..., ann_ms: _Optional[float] = ..., rerank: _Optional[_Union[StageTiming, _Mapping]] = ..., store_ms: _Optional[float] = ..., lexical_ms: _Optional[float] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("query", "top_k", "candidates", "skip_rerank", "filter", "ids_only", "rerank_budget_ms", "raw_scores", "max_query_tokens", "max_document_tokens", "expansion_search")
+    __slots__ = ("query", "top_k", "candidates", "skip_rerank", "filter", "ids_only", "rerank_budget_ms", "raw_scores", "max_query_tokens", "max_document_tokens", "expansion_search", "retrieval_mode", "fusion", "fusion_weight", "rerank_weight", "latency_budget_ms")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
@@ -91,6 +113,11 @@ class SearchRequest(_message.Message):
     MAX_QUERY_TOKENS_FIELD_NUMBER: _ClassVar[int]
     MAX_DOCUMENT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     EXPANSION_SEARCH_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_MODE_FIELD_NUMBER: _ClassVar[int]
+    FUSION_FIELD_NUMBER: _ClassVar[int]
+    FUSION_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    RERANK_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
     query: str
     top_k: int
     candidates: int
@@ -102,10 +129,15 @@ class SearchRequest(_message.Message):
     max_query_tokens: int
     max_document_tokens: int
     expansion_search: int
-    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., candidates: _Optional[int] = ..., skip_rerank: _Optional[bool] = ..., filter: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., ids_only: _Optional[bool] = ..., rerank_budget_ms: _Optional[int] = ..., raw_scores: _Optional[bool] = ..., max_query_tokens: _Optional[int] = ..., max_document_tokens: _Optional[int] = ..., expansion_search: _Optional[int] = ...) -> None: ...
+    retrieval_mode: RetrievalMode
+    fusion: Fusion
+    fusion_weight: float
+    rerank_weight: float
+    latency_budget_ms: int
+    def __init__(self, query: _Optional[str] = ..., top_k: _Optional[int] = ..., candidates: _Optional[int] = ..., skip_rerank: _Optional[bool] = ..., filter: _Optional[_Union[_struct_pb2.Struct, _Mapping]] = ..., ids_only: _Optional[bool] = ..., rerank_budget_ms: _Optional[int] = ..., raw_scores: _Optional[bool] = ..., max_query_tokens: _Optional[int] = ..., max_document_tokens: _Optional[int] = ..., expansion_search: _Optional[int] = ..., retrieval_mode: _Optional[_Union[RetrievalMode, str]] = ..., fusion: _Optional[_Union[Fusion, str]] = ..., fusion_weight: _Optional[float] = ..., rerank_weight: _Optional[float] = ..., latency_budget_ms: _Optional[int] = ...) -> None: ...
 
 class SearchHit(_message.Message):
-    __slots__ = ("id", "score", "rerank_score", "retrieval_score", "reranked", "retrieval_rank", "document")
+    __slots__ = ("id", "score", "rerank_score", "retrieval_score", "reranked", "retrieval_rank", "document", "dense_score", "lexical_score", "dense_rank", "lexical_rank")
     ID_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     RERANK_SCORE_FIELD_NUMBER: _ClassVar[int]
@@ -113,6 +145,10 @@ class SearchHit(_message.Message):
     RERANKED_FIELD_NUMBER: _ClassVar[int]
     RETRIEVAL_RANK_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_FIELD_NUMBER: _ClassVar[int]
+    DENSE_SCORE_FIELD_NUMBER: _ClassVar[int]
+    LEXICAL_SCORE_FIELD_NUMBER: _ClassVar[int]
+    DENSE_RANK_FIELD_NUMBER: _ClassVar[int]
+    LEXICAL_RANK_FIELD_NUMBER: _ClassVar[int]
     id: str
     score: float
     rerank_score: float
@@ -120,26 +156,38 @@ class SearchHit(_message.Message):
     reranked: bool
     retrieval_rank: int
     document: Document
-    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., rerank_score: _Optional[float] = ..., retrieval_score: _Optional[float] = ..., reranked: _Optional[bool] = ..., retrieval_rank: _Optional[int] = ..., document: _Optional[_Union[Document, _Mapping]] = ...) -> None: ...
+    dense_score: float
+    lexical_score: float
+    dense_rank: int
+    lexical_rank: int
+    def __init__(self, id: _Optional[str] = ..., score: _Optional[float] = ..., rerank_score: _Optional[float] = ..., retrieval_score: _Optional[float] = ..., reranked: _Optional[bool] = ..., retrieval_rank: _Optional[int] = ..., document: _Optional[_Union[Document, _Mapping]] = ..., dense_score: _Optional[float] = ..., lexical_score: _Optional[float] = ..., dense_rank: _Optional[int] = ..., lexical_rank: _Optional[int] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("hits", "score_kind", "candidates", "reranked", "filter_exhausted", "timing")
+    __slots__ = ("hits", "score_kind", "candidates", "reranked", "filter_exhausted", "timing", "retrieval_mode", "budget_limited", "rerank_weight", "latency_budget_ms")
     HITS_FIELD_NUMBER: _ClassVar[int]
     SCORE_KIND_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     RERANKED_FIELD_NUMBER: _ClassVar[int]
     FILTER_EXHAUSTED_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_MODE_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_LIMITED_FIELD_NUMBER: _ClassVar[int]
+    RERANK_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
     hits: _containers.RepeatedCompositeFieldContainer[SearchHit]
     score_kind: ScoreKind
     candidates: int
     reranked: int
     filter_exhausted: bool
     timing: Timing
-    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., score_kind: _Optional[_Union[ScoreKind, str]] = ..., candidates: _Optional[int] = ..., reranked: _Optional[int] = ..., filter_exhausted: _Optional[bool] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+    retrieval_mode: RetrievalMode
+    budget_limited: bool
+    rerank_weight: float
+    latency_budget_ms: int
+    def __init__(self, hits: _Optional[_Iterable[_Union[SearchHit, _Mapping]]] = ..., score_kind: _Optional[_Union[ScoreKind, str]] = ..., candidates: _Optional[int] = ..., reranked: _Optional[int] = ..., filter_exhausted: _Optional[bool] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., retrieval_mode: _Optional[_Union[RetrievalMode, str]] = ..., budget_limited: _Optional[bool] = ..., rerank_weight: _Optional[float] = ..., latency_budget_ms: _Optional[int] = ...) -> None: ...
 
 class RerankRequest(_message.Message):
-    __slots__ = ("query", "texts", "document_ids", "top_n", "return_documents", "raw_scores", "truncation", "max_query_tokens", "max_document_tokens", "chunk_long_documents", "chunk_overlap_tokens")
+    __slots__ = ("query", "texts", "document_ids", "top_n", "return_documents", "raw_scores", "truncation", "max_query_tokens", "max_document_tokens", "chunk_long_documents", "chunk_overlap_tokens", "latency_budget_ms", "first_stage_scores", "rerank_weight")
     QUERY_FIELD_NUMBER: _ClassVar[int]
     TEXTS_FIELD_NUMBER: _ClassVar[int]
     DOCUMENT_IDS_FIELD_NUMBER: _ClassVar[int]
@@ -151,6 +199,9 @@ class RerankRequest(_message.Message):
     MAX_DOCUMENT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_LONG_DOCUMENTS_FIELD_NUMBER: _ClassVar[int]
     CHUNK_OVERLAP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    FIRST_STAGE_SCORES_FIELD_NUMBER: _ClassVar[int]
+    RERANK_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     query: str
     texts: _containers.RepeatedScalarFieldContainer[str]
     document_ids: _containers.RepeatedScalarFieldContainer[str]
@@ -162,10 +213,13 @@ class RerankRequest(_message.Message):
     max_document_tokens: int
     chunk_long_documents: bool
     chunk_overlap_tokens: int
-    def __init__(self, query: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., document_ids: _Optional[_Iterable[str]] = ..., top_n: _Optional[int] = ..., return_documents: _Optional[bool] = ..., raw_scores: _Optional[bool] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., max_query_tokens: _Optional[int] = ..., max_document_tokens: _Optional[int] = ..., chunk_long_documents: _Optional[bool] = ..., chunk_overlap_tokens: _Optional[int] = ...) -> None: ...
+    latency_budget_ms: int
+    first_stage_scores: _containers.RepeatedScalarFieldContainer[float]
+    rerank_weight: float
+    def __init__(self, query: _Optional[str] = ..., texts: _Optional[_Iterable[str]] = ..., document_ids: _Optional[_Iterable[str]] = ..., top_n: _Optional[int] = ..., return_documents: _Optional[bool] = ..., raw_scores: _Optional[bool] = ..., truncation: _Optional[_Union[Truncation, str]] = ..., max_query_tokens: _Optional[int] = ..., max_document_tokens: _Optional[int] = ..., chunk_long_documents: _Optional[bool] = ..., chunk_overlap_tokens: _Optional[int] = ..., latency_budget_ms: _Optional[int] = ..., first_stage_scores: _Optional[_Iterable[float]] = ..., rerank_weight: _Optional[float] = ...) -> None: ...
 
 class RerankResult(_message.Message):
-    __slots__ = ("index", "score", "id", "text", "chunks", "best_chunk", "truncated")
+    __slots__ = ("index", "score", "id", "text", "chunks", "best_chunk", "truncated", "scored")
     INDEX_FIELD_NUMBER: _ClassVar[int]
     SCORE_FIELD_NUMBER: _ClassVar[int]
     ID_FIELD_NUMBER: _ClassVar[int]
@@ -173,6 +227,7 @@ class RerankResult(_message.Message):
     CHUNKS_FIELD_NUMBER: _ClassVar[int]
     BEST_CHUNK_FIELD_NUMBER: _ClassVar[int]
     TRUNCATED_FIELD_NUMBER: _ClassVar[int]
+    SCORED_FIELD_NUMBER: _ClassVar[int]
     index: int
     score: float
     id: str
@@ -180,17 +235,24 @@ class RerankResult(_message.Message):
     chunks: int
     best_chunk: int
     truncated: bool
-    def __init__(self, index: _Optional[int] = ..., score: _Optional[float] = ..., id: _Optional[str] = ..., text: _Optional[str] = ..., chunks: _Optional[int] = ..., best_chunk: _Optional[int] = ..., truncated: _Optional[bool] = ...) -> None: ...
+    scored: bool
+    def __init__(self, index: _Optional[int] = ..., score: _Optional[float] = ..., id: _Optional[str] = ..., text: _Optional[str] = ..., chunks: _Optional[int] = ..., best_chunk: _Optional[int] = ..., truncated: _Optional[bool] = ..., scored: _Optional[bool] = ...) -> None: ...
 
 class RerankResponse(_message.Message):
-    __slots__ = ("results", "score_kind", "timing")
+    __slots__ = ("results", "score_kind", "timing", "scored", "budget_limited", "latency_budget_ms")
     RESULTS_FIELD_NUMBER: _ClassVar[int]
     SCORE_KIND_FIELD_NUMBER: _ClassVar[int]
     TIMING_FIELD_NUMBER: _ClassVar[int]
+    SCORED_FIELD_NUMBER: _ClassVar[int]
+    BUDGET_LIMITED_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
     results: _containers.RepeatedCompositeFieldContainer[RerankResult]
     score_kind: ScoreKind
     timing: Timing
-    def __init__(self, results: _Optional[_Iterable[_Union[RerankResult, _Mapping]]] = ..., score_kind: _Optional[_Union[ScoreKind, str]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ...) -> None: ...
+    scored: int
+    budget_limited: bool
+    latency_budget_ms: int
+    def __init__(self, results: _Optional[_Iterable[_Union[RerankResult, _Mapping]]] = ..., score_kind: _Optional[_Union[ScoreKind, str]] = ..., timing: _Optional[_Union[Timing, _Mapping]] = ..., scored: _Optional[int] = ..., budget_limited: _Optional[bool] = ..., latency_budget_ms: _Optional[int] = ...) -> None: ...
 
 class EmbedRequest(_message.Message):
     __slots__ = ("texts", "truncation")
@@ -351,14 +413,24 @@ class Limits(_message.Message):
     def __init__(self, max_query_bytes: _Optional[int] = ..., max_text_bytes: _Optional[int] = ..., max_id_bytes: _Optional[int] = ..., max_rerank_documents: _Optional[int] = ..., max_embed_texts: _Optional[int] = ..., max_upsert_documents: _Optional[int] = ..., max_top_k: _Optional[int] = ..., max_candidates: _Optional[int] = ..., max_message_bytes: _Optional[int] = ..., max_concurrent_rpcs: _Optional[int] = ..., max_metadata_bytes: _Optional[int] = ..., max_filter_keys: _Optional[int] = ...) -> None: ...
 
 class Defaults(_message.Message):
-    __slots__ = ("top_k", "candidates", "chunk_overlap_tokens")
+    __slots__ = ("top_k", "candidates", "chunk_overlap_tokens", "latency_budget_ms", "retrieval_mode", "fusion", "fusion_weight", "rerank_weight")
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     CANDIDATES_FIELD_NUMBER: _ClassVar[int]
     CHUNK_OVERLAP_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    LATENCY_BUDGET_MS_FIELD_NUMBER: _ClassVar[int]
+    RETRIEVAL_MODE_FIELD_NUMBER: _ClassVar[int]
+    FUSION_FIELD_NUMBER: _ClassVar[int]
+    FUSION_WEIGHT_FIELD_NUMBER: _ClassVar[int]
+    RERANK_WEIGHT_FIELD_NUMBER: _ClassVar[int]
     top_k: int
     candidates: int
     chunk_overlap_tokens: int
-    def __init__(self, top_k: _Optional[int] = ..., candidates: _Optional[int] = ..., chunk_overlap_tokens: _Optional[int] = ...) -> None: ...
+    latency_budget_ms: int
+    retrieval_mode: RetrievalMode
+    fusion: Fusion
+    fusion_weight: float
+    rerank_weight: float
+    def __init__(self, top_k: _Optional[int] = ..., candidates: _Optional[int] = ..., chunk_overlap_tokens: _Optional[int] = ..., latency_budget_ms: _Optional[int] = ..., retrieval_mode: _Optional[_Union[RetrievalMode, str]] = ..., fusion: _Optional[_Union[Fusion, str]] = ..., fusion_weight: _Optional[float] = ..., rerank_weight: _Optional[float] = ...) -> None: ...
 
 class InfoResponse(_message.Message):
     __slots__ = ("server_version", "bi_encoder", "cross_encoder", "embed_batching", "rerank_batching", "index", "limits", "defaults")
