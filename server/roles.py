@@ -5,6 +5,16 @@
 the engine never sees a tokenizer or a logit. Both are built with everything they need, started with `start()`
 on the serving event loop and stopped with `stop()` by whoever started them (the engine's `close()`, or
 `BackgroundEmbedder` in server/cli.py for `twostage index build`).
+
+Deadlines (time.monotonic() instants). Unbudgeted work with a deadline is refused at once (`ResourceExhausted`
+with the predicted wait) when the batcher predicts it cannot be done in time (`refuse_if_late`), instead of
+queueing until the deadline passes; admitted, it fails with DeadlineExceeded if it still is not dispatched in
+time. Budgeted work (``budgeted=True``) degrades instead: `RerankRole.score` plans how many documents, in the
+caller's order, can be scored by the deadline (`Batcher.plan_prefix`, whole documents), submits them at once so
+every worker shares them, and says which were scored (`Scored.completed`).
+
+`warm_up` runs batches of assorted sizes through the batcher at startup, so that the cost model (server/cost.py)
+has measured the model's fixed and per-token batch cost apart before the first budget is planned.
 """
 from __future__ import annotations
 
@@ -18,8 +28,11 @@ import numpy as np
 from twostage.model.embedder import Embedder
 from twostage.model.reranker import DocumentScores, Reranker, best_chunks
 from twostage.model.session import SessionSettings, thread_layout
-from twostage.server.batcher import BatchMetrics, Batcher, BatchStats, InferencePool
+from twostage.model.reranker import PairScores
+from twostage.model.tokenization import Encoded
+from twostage.server.batcher import BatchMetrics, Batcher, BatchResult, BatchStats, InferencePool, Priority
 from twostage.server.config import Config
+from twostage.server.errors import ResourceExhausted
 
 
 def session_settings(config: Config) -> SessionSettings:
@@ -32,7 +45,24 @@ def session_settings(config: Config) -> SessionSettings:
 def inference_pool(config: Config, name: str = "twostage-inference") -> InferencePool:
     """The worker pool both roles share, sized by `thread_layout` so that workers x threads fill the cores."""
     workers, _ = thread_layout(config.inference_workers, config.intra_op_threads, config.execution_provider)
-    return InferencePool(workers, name=name)
+    return InferencePool(workers, name=name, free_worker_within_ms=config.free_worker_within_ms)
+
+
+def refuse_if_late(batcher: Batcher, lengths: Sequence[int], deadline: float | None, what: str) -> None:
+    """Fail fast: raise ResourceExhausted (with the predicted wait) when work of these token lengths, submitted
+    now, is predicted to be done after `deadline` because of the work already queued ahead. A deadline already
+    past is left to the batcher (DeadlineExceeded)."""
+    if deadline is None:
+        return
+    left = deadline - time.monotonic()
+    if left <= 0:
+        return
+    wait = batcher.predict_wait(lengths)
+    if wait > left:
+        raise ResourceExhausted(
+            f"{what}: the work queued ahead makes the deadline impossible: predicted to be done in "
+            f"{wait * 1000:.0f} ms, the deadline is {left * 1000:.0f} ms away; retry later or with a longer deadline "
+            f"(or a latency budget, which degrades instead)", predicted_wait_ms=wait * 1000.0)
 
 
 @dataclass(frozen=True)
@@ -65,18 +95,26 @@ def _batcher(model: Embedder | Reranker, pool: InferencePool, limits: BatchLimit
 class Embedded:
     """Vectors of one `embed` call and where its time went."""
 
-    vectors: np.ndarray   # float32 [texts, dimension]
+    vectors: np.ndarray   # float32 [texts, dimension]; NaN rows where not completed
     tokenize_ms: float
     stats: BatchStats
+    completed: np.ndarray  # bool per text (all True unless budgeted)
 
 
 @dataclass
 class Scored:
     """Per-document scores of one `score` call (raw and normalized, best chunk's) and where its time went."""
 
-    documents: DocumentScores
+    documents: DocumentScores  # NaN scores where not completed
     tokenize_ms: float
     stats: BatchStats
+    completed: np.ndarray      # bool per document: every one of its pairs was scored (all True unless budgeted)
+
+
+# Warm-up batches (`_Role.warm_up`): item lengths cycled through, each batch filled to a growing share of the
+# token limit, so the cost fit sees small and large batches of short and long items.
+WARM_UP_LENGTHS = (12, 24, 48, 96, 160)
+WARM_UP_TEXT = " ".join(["warm up text about rivers, stones and the quiet evening light"] * 40)
 
 
 class _Role:
@@ -98,6 +136,30 @@ class _Role:
         """Refuse new work, let queued work finish for up to `drain_timeout` s, fail the rest (Unavailable)."""
         await self.batcher.stop(drain_timeout=drain_timeout)
 
+    def _warm_up_items(self, length: int, count: int) -> list[Encoded]:
+        raise NotImplementedError
+
+    async def warm_up(self, batches: int) -> None:
+        """Run `batches` batches of assorted sizes (BULK) so the batcher's cost model is fitted; one stream per
+        pool worker, as in serving, where batches run beside each other."""
+        if batches <= 0:
+            return
+        b = self.batcher
+        plans = []
+        for k in range(batches):
+            length = min(WARM_UP_LENGTHS[k % len(WARM_UP_LENGTHS)], self.max_length)
+            share = (k + 1) / batches
+            count = max(1, min(b.max_batch_size, int(share * b.max_batch_tokens) // length))
+            plans.append((length, count))
+        items = await asyncio.to_thread(lambda: [self._warm_up_items(length, count) for length, count in plans])
+        streams = max(1, b.pool.workers)
+
+        async def stream(first: int) -> None:
+            for batch in items[first::streams]:
+                await b.submit(batch, priority=Priority.BULK)
+
+        await asyncio.gather(*(stream(i) for i in range(streams)))
+
 
 class EmbeddingRole(_Role):
     """The served bi-encoder: texts -> vectors through its batcher."""
@@ -107,16 +169,26 @@ class EmbeddingRole(_Role):
         self.model = model
         self.batcher = _batcher(model, pool, limits, metrics)
 
-    async def embed(self, texts: Sequence[str], *, deadline: float | None = None, max_tokens: int = 0,
-                    truncate: bool = True, field: str = "texts") -> Embedded:
+    def _warm_up_items(self, length: int, count: int) -> list[Encoded]:
+        return self.model.encode([WARM_UP_TEXT] * count, max_tokens=length)
+
+    async def embed(self, texts: Sequence[str], *, deadline: float | None = None, budgeted: bool = False,
+                    priority: Priority = Priority.NORMAL, max_tokens: int = 0, truncate: bool = True,
+                    field: str = "texts") -> Embedded:
         """Vectors of `texts`, each cut to `max_tokens` (0 = the model's limit) unless `truncate` is False, in
-        which case an over-long text raises InvalidArgument naming `field[i]`."""
+        which case an over-long text raises InvalidArgument naming `field[i]`. With a deadline: refused at once
+        when predicted late (unbudgeted), or only what can be done in time is done (`budgeted`)."""
         t0 = time.perf_counter()
         encoded = await asyncio.to_thread(self.model.encode, texts, max_tokens=max_tokens, truncate=truncate,
                                           field=field)
         tokenize_ms = (time.perf_counter() - t0) * 1000.0
-        result = await self.batcher.submit(encoded, deadline=deadline)
-        return Embedded(np.asarray(result.outputs, dtype=np.float32), tokenize_ms, result.stats)
+        if not budgeted:
+            refuse_if_late(self.batcher, [len(e) for e in encoded], deadline, field)
+        result = await self.batcher.submit(encoded, deadline=deadline, budgeted=budgeted, priority=priority)
+        vectors = np.asarray(result.outputs, dtype=np.float32)
+        if vectors.shape[1:] != (self.model.dimension,):      # nothing completed: no row width yet
+            vectors = np.full((len(encoded), self.model.dimension), np.nan, dtype=np.float32)
+        return Embedded(vectors, tokenize_ms, result.stats, result.completed)
 
 
 class RerankRole(_Role):
@@ -127,12 +199,20 @@ class RerankRole(_Role):
         self.model = model
         self.batcher = _batcher(model, pool, limits, metrics)
 
-    async def score(self, query: str, docs: Sequence[str], *, deadline: float | None = None,
-                    max_query_tokens: int = 0, max_doc_tokens: int = 0, truncate: bool = True,
-                    chunk_long: bool = False, chunk_overlap: int = 0) -> Scored:
+    def _warm_up_items(self, length: int, count: int) -> list[Encoded]:
+        return self.model.encode("warm up query", [WARM_UP_TEXT] * count, max_doc_tokens=max(1, length - 8))
+
+    async def score(self, query: str, docs: Sequence[str], *, deadline: float | None = None, budgeted: bool = False,
+                    priority: Priority = Priority.NORMAL, max_query_tokens: int = 0, max_doc_tokens: int = 0,
+                    truncate: bool = True, chunk_long: bool = False, chunk_overlap: int = 0) -> Scored:
         """Scores of each document against `query`. Pairs are cut to the model's max_length (or refused when
         `truncate` is False); with `chunk_long` every document is scored as windows of `chunk_overlap`
-        overlapping tokens and keeps its best window's score."""
+        overlapping tokens and keeps its best window's score.
+
+        With a deadline and ``budgeted``: as many documents as can be scored in time, a prefix in the given order
+        (whole documents: all of a document's chunks or none), submitted at once; a document counts as scored
+        (`Scored.completed`) only if all its pairs completed. Unbudgeted with a deadline: refused at once
+        (ResourceExhausted) when predicted late."""
         t0 = time.perf_counter()
         if chunk_long:
             pairs, owner = await asyncio.to_thread(self.model.encode_chunks, query, docs, overlap=chunk_overlap,
@@ -142,6 +222,47 @@ class RerankRole(_Role):
                                             max_doc_tokens=max_doc_tokens, truncate=truncate)
             owner = list(range(len(docs)))
         tokenize_ms = (time.perf_counter() - t0) * 1000.0
-        result = await self.batcher.submit(pairs, deadline=deadline)
-        documents = best_chunks(self.model.scores(result.outputs), pairs, owner, len(docs))
-        return Scored(documents, tokenize_ms, result.stats)
+        lengths = [len(p) for p in pairs]
+        if budgeted:
+            if deadline is None:
+                raise ValueError("a budgeted score needs a deadline")
+            planned = whole_documents(self.batcher.plan_prefix(lengths, deadline=deadline), owner)
+        else:
+            refuse_if_late(self.batcher, lengths, deadline, "rerank")
+            planned = len(pairs)
+        if planned:
+            result = await self.batcher.submit(pairs[:planned], deadline=deadline, budgeted=budgeted,
+                                               priority=priority)
+        else:
+            result = BatchResult(np.zeros((0, 0), dtype=np.float32), BatchStats(), np.zeros(0, dtype=bool))
+        done = np.zeros(len(pairs), dtype=bool)
+        done[:planned] = result.completed
+        scores = self._pair_scores(result, done)
+        documents = best_chunks(scores, pairs, owner, len(docs))
+        completed = np.ones(len(docs), dtype=bool)
+        for pair_done, doc in zip(done, owner):
+            completed[doc] &= bool(pair_done)
+        documents.raw[~completed] = np.nan
+        documents.normalized[~completed] = np.nan
+        return Scored(documents, tokenize_ms, result.stats, completed)
+
+    def _pair_scores(self, result: BatchResult, done: np.ndarray) -> PairScores:
+        """Raw and normalized score of every pair; NaN for pairs not done (`done` covers all pairs, the result
+        the submitted prefix)."""
+        raw = np.full(len(done), np.nan, dtype=np.float32)
+        normalized = np.full(len(done), np.nan, dtype=np.float32)
+        if done.any():
+            scores = self.model.scores(result.outputs[result.completed])
+            raw[done], normalized[done] = scores.raw, scores.normalized
+        return PairScores(raw, normalized)
+
+
+def whole_documents(pairs: int, owner: Sequence[int]) -> int:
+    """The longest prefix of at most `pairs` pairs that holds whole documents (`owner`: each pair's document,
+    non-decreasing, a document's chunks side by side)."""
+    if pairs >= len(owner):
+        return len(owner)
+    cut = owner[pairs]                 # a document whose first pairs may be in the prefix, its last are not
+    while pairs > 0 and owner[pairs - 1] == cut:
+        pairs -= 1
+    return pairs
