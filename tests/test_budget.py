@@ -252,16 +252,22 @@ def test_the_cost_estimate_follows_a_model_that_slows_down(models, tmp_path):
                     seen[phase].append(await timed_search(engine, QUERIES[q % len(QUERIES)], 100,
                                                           stage_one_may_miss=True))
                     q += 1
-                runs = model.recent(16)
-                # the relative error of the estimate on the batches just run, per second of work
-                seen[phase + " error"] = sum(abs(cost.predict(p) - t) for p, t in runs) / sum(t for _, t in runs)
                 seen[phase + " estimate"] = (cost.fixed_s, cost.per_token_s)
+        seen["after runs"] = model.recent(16)
         return lag.allowed
 
     allowed = run_engine(models, cfg, body)
-    # the estimate predicted the batches actually run, before and after the slowdown (sleeps overshoot on a
-    # loaded machine) ...
-    assert seen["before error"] < 0.3 and seen["after error"] < 0.3, seen
+
+    def error(estimate: tuple[float, float]) -> float:
+        """Relative error of an estimate on the last batches run (after the slowdown), per second of work."""
+        fixed, per_token = estimate
+        runs = seen["after runs"]
+        return sum(abs(fixed + per_token * p - t) for p, t in runs) / sum(t for _, t in runs)
+
+    # the estimate from before the slowdown is far off the batches run after it; the refitted one predicts them
+    # (sleeps overshoot on a loaded machine: the error is per second of work) ...
+    assert error(seen["before estimate"]) > 0.4
+    assert error(seen["after estimate"]) < min(0.3, error(seen["before estimate"]) / 2)
     (fixed0, token0), (fixed1, token1) = seen["before estimate"], seen["after estimate"]
     assert fixed1 + 256 * token1 > 1.8 * (fixed0 + 256 * token0)     # the model's own ratio: 2.9
     # ... so the budget still held, by reranking fewer candidates
