@@ -13,8 +13,10 @@ time. Budgeted work (``budgeted=True``) degrades instead: `RerankRole.score` pla
 caller's order, can be scored by the deadline (`Batcher.plan_prefix`, whole documents), submits them at once so
 every worker shares them, and says which were scored (`Scored.completed`).
 
-`warm_up` runs batches of assorted sizes through the batcher at startup, so that the cost model (server/cost.py)
-has measured the model's fixed and per-token batch cost apart before the first budget is planned.
+`warm_up` runs batches of assorted sizes on the pool's workers at startup and feeds their durations to the batcher's
+cost model (server/cost.py), so that it has measured the model's fixed and per-token batch cost apart before the
+first budget is planned. (Directly, not through the batcher's queue: a warm-up batch is not held back by
+`max_delay_ms` nor counted against the queue bound.)
 """
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ from twostage.model.embedder import Embedder
 from twostage.model.reranker import DocumentScores, Reranker, best_chunks
 from twostage.model.session import SessionSettings, thread_layout
 from twostage.model.reranker import PairScores
-from twostage.model.tokenization import Encoded
+from twostage.model.tokenization import Encoded, padded_tokens
 from twostage.server.batcher import BatchMetrics, Batcher, BatchResult, BatchStats, InferencePool, Priority
 from twostage.server.config import Config
 from twostage.server.errors import ResourceExhausted
@@ -112,8 +114,10 @@ class Scored:
 
 
 # Warm-up batches (`_Role.warm_up`): item lengths cycled through, each batch filled to a growing share of the
-# token limit, so the cost fit sees small and large batches of short and long items.
+# batcher's token limit (at most WARM_UP_MAX_TOKENS), so the cost fit sees small and large batches of short and
+# long items.
 WARM_UP_LENGTHS = (12, 24, 48, 96, 160)
+WARM_UP_MAX_TOKENS = 2048
 WARM_UP_TEXT = " ".join(["warm up text about rivers, stones and the quiet evening light"] * 40)
 
 
@@ -140,25 +144,32 @@ class _Role:
         raise NotImplementedError
 
     async def warm_up(self, batches: int) -> None:
-        """Run `batches` batches of assorted sizes (BULK) so the batcher's cost model is fitted; one stream per
-        pool worker, as in serving, where batches run beside each other."""
+        """Run `batches` batches of assorted sizes and fit the batcher's cost model to their durations; one stream
+        per pool worker, as in serving, where batches run beside each other. Call before serving (it uses the
+        pool's threads without taking its slots)."""
         if batches <= 0:
             return
         b = self.batcher
+        limit = min(b.max_batch_tokens, WARM_UP_MAX_TOKENS)
         plans = []
         for k in range(batches):
             length = min(WARM_UP_LENGTHS[k % len(WARM_UP_LENGTHS)], self.max_length)
-            share = (k + 1) / batches
-            count = max(1, min(b.max_batch_size, int(share * b.max_batch_tokens) // length))
+            count = max(1, min(b.max_batch_size, int((k + 1) / batches * limit) // length))
             plans.append((length, count))
         items = await asyncio.to_thread(lambda: [self._warm_up_items(length, count) for length, count in plans])
-        streams = max(1, b.pool.workers)
+        loop = asyncio.get_running_loop()
+
+        def timed(batch: list[Encoded]) -> float:
+            started = time.perf_counter()
+            self.model.run_batch(batch)
+            return time.perf_counter() - started
 
         async def stream(first: int) -> None:
-            for batch in items[first::streams]:
-                await b.submit(batch, priority=Priority.BULK)
+            for batch in items[first::b.pool.workers]:
+                seconds = await loop.run_in_executor(b.pool.executor, timed, batch)
+                b.cost.observe(padded_tokens(batch), seconds)
 
-        await asyncio.gather(*(stream(i) for i in range(streams)))
+        await asyncio.gather(*(stream(i) for i in range(b.pool.workers)))
 
 
 class EmbeddingRole(_Role):

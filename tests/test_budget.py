@@ -193,6 +193,28 @@ def test_a_budgeted_prefix_holds_whole_documents():
 
 
 # ------------------------------------------------------------------------------------------ the engine
+def test_warm_up_fits_the_cost_of_both_models_before_serving(models, tmp_path):
+    cfg = budget_config(tmp_path, tmp_path / "index", warm_up_batches=16)
+
+    async def main():
+        engine = slow_engine(models, cfg)              # bi-encoder 1 ms + 0.01 ms, cross-encoder 1 ms + 0.05 ms/token
+        engine.start()
+        try:
+            seeds = [role.batcher.cost.predict(256) for role in (engine.embedder, engine.reranker)]
+            await engine.warm_up()
+            return seeds, [(role.batcher.cost, role.model) for role in (engine.embedder, engine.reranker)]
+        finally:
+            await engine.close()
+
+    seeds, fitted = asyncio.run(main())
+    for seed, (cost, model) in zip(seeds, fitted):
+        truth = model.fixed_s + model.per_token_s * 256
+        assert cost.batches == 16 and len(model.runs) == 16
+        assert abs(cost.predict(256) - truth) < abs(seed - truth)        # it moved from the seed towards the model
+        assert truth * 0.7 <= cost.predict(256) <= truth * 1.8           # (sleeps overshoot on a loaded machine)
+        assert len({p for p, _ in model.runs}) >= 8                       # batches of assorted sizes
+
+
 @pytest.mark.parametrize("clients", [1, 8])
 def test_budgets_are_met_with_partial_results_in_order(models, tmp_path, clients):
     cfg = budget_config(tmp_path, tmp_path / "index")
