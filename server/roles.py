@@ -9,9 +9,13 @@ on the serving event loop and stopped with `stop()` by whoever started them (the
 Deadlines (time.monotonic() instants). Unbudgeted work with a deadline is refused at once (`ResourceExhausted`
 with the predicted wait) when the batcher predicts it cannot be done in time (`refuse_if_late`), instead of
 queueing until the deadline passes; admitted, it fails with DeadlineExceeded if it still is not dispatched in
-time. Budgeted work (``budgeted=True``) degrades instead: `RerankRole.score` plans how many documents, in the
-caller's order, can be scored by the deadline (`Batcher.plan_prefix`, whole documents), submits them at once so
-every worker shares them, and says which were scored (`Scored.completed`).
+time. The check runs twice: before tokenizing, on a floor of each text's tokens read from its size
+(`token_floor`), so that a flood of doomed requests is refused without tokenizing any of it; then on the real
+token counts. Budgeted work (``budgeted=True``) degrades instead: `RerankRole.score` plans how many documents, in
+the caller's order, can be scored by the deadline (`Batcher.plan_prefix`, whole documents), submits them at once
+so every worker shares them, and says which were scored (`Scored.completed`). It tokenizes only what may fit:
+a first slice of the documents, then twice as many while all of them fit (tokenizing 100 candidates costs about
+as much CPU as scoring a few pairs, which a tight budget cannot spare).
 
 `warm_up` runs batches of assorted sizes on the pool's workers at startup and feeds their durations to the batcher's
 cost model (server/cost.py), so that it has measured the model's fixed and per-token batch cost apart before the
@@ -21,6 +25,7 @@ first budget is planned. (Directly, not through the batcher's queue: a warm-up b
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from dataclasses import dataclass
 from typing import Sequence
@@ -48,6 +53,22 @@ def inference_pool(config: Config, name: str = "twostage-inference") -> Inferenc
     """The worker pool both roles share, sized by `thread_layout` so that workers x threads fill the cores."""
     workers, _ = thread_layout(config.inference_workers, config.intra_op_threads, config.execution_provider)
     return InferencePool(workers, name=name, free_worker_within_ms=config.free_worker_within_ms)
+
+
+# A floor on a text's tokens from its UTF-8 size, for refusing before tokenizing: English wordpieces take about 4-5
+# bytes a token and a whole long word rarely over 10; a CJK character (3 bytes) is about one token.
+FLOOR_BYTES_PER_TOKEN = 10
+# Budgeted scoring tokenizes this many documents first, then doubles while all of them fit (module docstring).
+FIRST_SLICE = 8
+
+
+def token_floor(texts_bytes: int, specials: int, max_length: int) -> int:
+    """At least how many tokens an input of `texts_bytes` UTF-8 bytes of text has (capped at the model's limit)."""
+    return min(max_length, specials + texts_bytes // FLOOR_BYTES_PER_TOKEN)
+
+
+def utf8_size(text: str) -> int:
+    return len(text.encode("utf-8", errors="surrogatepass"))
 
 
 def refuse_if_late(batcher: Batcher, lengths: Sequence[int], deadline: float | None, what: str) -> None:
@@ -189,6 +210,10 @@ class EmbeddingRole(_Role):
         """Vectors of `texts`, each cut to `max_tokens` (0 = the model's limit) unless `truncate` is False, in
         which case an over-long text raises InvalidArgument naming `field[i]`. With a deadline: refused at once
         when predicted late (unbudgeted), or only what can be done in time is done (`budgeted`)."""
+        if not budgeted and deadline is not None:
+            cap = max_tokens or self.max_length
+            specials = self.model.tokenizer.single_specials
+            refuse_if_late(self.batcher, [token_floor(utf8_size(t), specials, cap) for t in texts], deadline, field)
         t0 = time.perf_counter()
         encoded = await asyncio.to_thread(self.model.encode, texts, max_tokens=max_tokens, truncate=truncate,
                                           field=field)
@@ -222,25 +247,39 @@ class RerankRole(_Role):
 
         With a deadline and ``budgeted``: as many documents as can be scored in time, a prefix in the given order
         (whole documents: all of a document's chunks or none), submitted at once; a document counts as scored
-        (`Scored.completed`) only if all its pairs completed. Unbudgeted with a deadline: refused at once
-        (ResourceExhausted) when predicted late."""
+        (`Scored.completed`) only if all its pairs completed. Documents past the tokenized prefix report 0 chunks
+        (they were not looked at). Unbudgeted with a deadline: refused at once (ResourceExhausted) when predicted
+        late."""
+        encode = functools.partial(self._encode, query, max_query_tokens=max_query_tokens,
+                                   max_doc_tokens=max_doc_tokens, truncate=truncate, chunk_long=chunk_long,
+                                   chunk_overlap=chunk_overlap)
         t0 = time.perf_counter()
-        if chunk_long:
-            pairs, owner = await asyncio.to_thread(self.model.encode_chunks, query, docs, overlap=chunk_overlap,
-                                                   max_query_tokens=max_query_tokens, max_doc_tokens=max_doc_tokens)
-        else:
-            pairs = await asyncio.to_thread(self.model.encode, query, docs, max_query_tokens=max_query_tokens,
-                                            max_doc_tokens=max_doc_tokens, truncate=truncate)
-            owner = list(range(len(docs)))
-        tokenize_ms = (time.perf_counter() - t0) * 1000.0
-        lengths = [len(p) for p in pairs]
         if budgeted:
             if deadline is None:
                 raise ValueError("a budgeted score needs a deadline")
-            planned = whole_documents(self.batcher.plan_prefix(lengths, deadline=deadline), owner)
+            # A slice at a time while everything tokenized fits (truncate=False needs every document checked).
+            pairs: list[Encoded] = []
+            owner: list[int] = []
+            tokenized = 0
+            while True:
+                upto = len(docs) if not truncate else min(len(docs), max(FIRST_SLICE, 2 * tokenized))
+                more, more_owner = await asyncio.to_thread(encode, docs[tokenized:upto])
+                pairs += more
+                owner += [tokenized + o for o in more_owner]
+                tokenized = upto
+                planned = whole_documents(self.batcher.plan_prefix([len(p) for p in pairs], deadline=deadline),
+                                          owner)
+                if planned < len(pairs) or tokenized == len(docs):
+                    break
         else:
-            refuse_if_late(self.batcher, lengths, deadline, "rerank")
+            if deadline is not None:
+                q_bytes, specials = utf8_size(query), self.model.tokenizer.pair_specials
+                floors = [token_floor(q_bytes + utf8_size(d), specials, self.max_length) for d in docs]
+                refuse_if_late(self.batcher, floors, deadline, "rerank")
+            pairs, owner = await asyncio.to_thread(encode, docs)
+            refuse_if_late(self.batcher, [len(p) for p in pairs], deadline, "rerank")
             planned = len(pairs)
+        tokenize_ms = (time.perf_counter() - t0) * 1000.0
         if planned:
             result = await self.batcher.submit(pairs[:planned], deadline=deadline, budgeted=budgeted,
                                                priority=priority)
@@ -250,12 +289,24 @@ class RerankRole(_Role):
         done[:planned] = result.completed
         scores = self._pair_scores(result, done)
         documents = best_chunks(scores, pairs, owner, len(docs))
-        completed = np.ones(len(docs), dtype=bool)
+        completed = np.zeros(len(docs), dtype=bool)        # a document with pairs, all of them completed
+        completed[owner] = True
         for pair_done, doc in zip(done, owner):
             completed[doc] &= bool(pair_done)
         documents.raw[~completed] = np.nan
         documents.normalized[~completed] = np.nan
         return Scored(documents, tokenize_ms, result.stats, completed)
+
+    def _encode(self, query: str, docs: Sequence[str], *, max_query_tokens: int, max_doc_tokens: int,
+                truncate: bool, chunk_long: bool, chunk_overlap: int) -> tuple[list[Encoded], list[int]]:
+        """The pairs of `docs` and each pair's document (its index in `docs`); blocking (tokenizes)."""
+        if chunk_long:
+            pairs, owner = self.model.encode_chunks(query, docs, overlap=chunk_overlap,
+                                                    max_query_tokens=max_query_tokens, max_doc_tokens=max_doc_tokens)
+            return pairs, list(owner)
+        pairs = self.model.encode(query, docs, max_query_tokens=max_query_tokens, max_doc_tokens=max_doc_tokens,
+                                  truncate=truncate)
+        return pairs, list(range(len(docs)))
 
     def _pair_scores(self, result: BatchResult, done: np.ndarray) -> PairScores:
         """Raw and normalized score of every pair; NaN for pairs not done (`done` covers all pairs, the result

@@ -31,7 +31,8 @@ from twostage.server.engine import DocumentInput, Engine, RerankOutcome, SearchO
 from twostage.server.errors import DeadlineExceeded
 from twostage.server.index.embedded import DocumentIndex
 from twostage.server.index.settings import IndexSettings
-from twostage.server.roles import BatchLimits, EmbeddingRole, RerankRole, whole_documents
+from twostage.server.roles import (BatchLimits, EmbeddingRole, RerankRole, token_floor, utf8_size,
+                                   whole_documents)
 from twostage.server.service import PREDICTED_WAIT_KEY
 from twostage.v1 import twostage_pb2 as pb
 
@@ -190,6 +191,19 @@ def test_the_tightest_deadline_wins_less_the_reserve():
 def test_a_budgeted_prefix_holds_whole_documents():
     owner = [0, 1, 1, 1, 2, 3, 3]
     assert [whole_documents(n, owner) for n in range(8)] == [0, 1, 1, 1, 4, 5, 5, 7]
+
+
+def test_the_token_floor_is_a_floor(models):
+    embedder, reranker = models
+    texts = [text(i, 5 + 20 * i) for i in range(5)] + ["unbelievably incomprehensible characteristics",
+                                                       "東京の天気は晴れです", "a"]
+    for t in texts:
+        tokens = len(embedder.encode([t], max_tokens=embedder.max_length)[0])
+        assert token_floor(utf8_size(t), embedder.tokenizer.single_specials, embedder.max_length) <= tokens
+        pair = len(reranker.encode(QUERIES[0], [t])[0])
+        floor = token_floor(utf8_size(QUERIES[0]) + utf8_size(t), reranker.tokenizer.pair_specials,
+                            reranker.max_length)
+        assert 0 < floor <= pair
 
 
 # ------------------------------------------------------------------------------------------ the engine
