@@ -322,6 +322,9 @@ def add_rerank_arguments(parser: argparse.ArgumentParser) -> None:
                              "(default: off)")
     parser.add_argument("--chunk-overlap-tokens", type=_non_negative, default=0,
                         help="overlap between chunks in tokens (default: 0 = the server's default, 32)")
+    parser.add_argument("--latency-budget-ms", type=_non_negative, default=0,
+                        help="latency budget for the whole request in ms: as many documents as fit are scored, the "
+                             "rest come back unscored after them (default: 0 = the server's default)")
     add_connection_arguments(parser)
 
 
@@ -354,7 +357,8 @@ def run_rerank(args: argparse.Namespace) -> int:
                                 truncate=not args.no_truncate, max_query_tokens=args.max_query_tokens,
                                 max_document_tokens=args.max_document_tokens,
                                 chunk_long_documents=args.chunk_long_documents,
-                                chunk_overlap_tokens=args.chunk_overlap_tokens)
+                                chunk_overlap_tokens=args.chunk_overlap_tokens,
+                                latency_budget_ms=args.latency_budget_ms)
     if args.json:
         print_json(results, sys.stdout)
     else:

@@ -107,11 +107,17 @@ def rerank_table(results: RerankResults, texts: Sequence[str] = (), *, width: in
             text = f"[best chunk {r.best_chunk} of 0-{r.chunks - 1}] {text}"
         if r.truncated:
             text = f"[truncated] {text}"
-        rows.append([rank, r.index, r.id or "-", format_score(r.score), text])
+        unscored = results.budget_limited and not r.scored
+        rows.append([rank, r.index, r.id or "-", "-" if unscored else format_score(r.score), text])
     table = format_table(headers, rows, right=("rank", "index", "score"), max_width=width or terminal_width(),
                          shrink="text")
-    return (f"{table}\n{len(results.results)} results (scores: {results.score_kind}; {RANKS_NOTE}); "
-            f"{timing_line(results.timing)}")
+    scored = f"{results.scored} scored; " if results.scored or results.budget_limited else ""
+    summary = (f"{len(results.results)} results ({scored}scores: {results.score_kind}; {RANKS_NOTE}); "
+               f"{timing_line(results.timing)}")
+    if results.budget_limited:
+        summary += (f"\nnote: the latency budget ({results.latency_budget_ms} ms) cut scoring short: "
+                    f"{results.scored} documents scored; the unscored ones (score -) follow in request order")
+    return f"{table}\n{summary}"
 
 
 def info_text(info: Info) -> str:
@@ -131,8 +137,9 @@ def info_text(info: Info) -> str:
     lines.append(f"  index: {ix.size} documents, dim {ix.dimension}, {ix.metric}/{ix.dtype}, M={ix.connectivity}, "
                  f"ef_add={ix.expansion_add}, ef_search={ix.expansion_search}{', read-only' if ix.read_only else ''}")
     d = info.defaults
+    budget = f"{d.latency_budget_ms} ms" if d.latency_budget_ms else "none"
     lines.append(f"  defaults: top_k={d.top_k}, candidates={d.candidates}, "
-                 f"chunk_overlap_tokens={d.chunk_overlap_tokens}")
+                 f"chunk_overlap_tokens={d.chunk_overlap_tokens}, latency budget {budget}")
     lines.append("  limits: " + ", ".join(f"{k}={v}" for k, v in dataclasses.asdict(info.limits).items()))
     return "\n".join(lines)
 

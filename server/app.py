@@ -114,7 +114,8 @@ def build_info(config: Config, engine: Engine) -> pb.InfoResponse:
         defaults=pb.Defaults(top_k=config.default_top_k, candidates=config.default_candidates,
                              chunk_overlap_tokens=config.default_chunk_overlap_tokens,
                              retrieval_mode=RETRIEVAL_MODE[config.retrieval_mode], fusion=FUSION[config.fusion],
-                             fusion_weight=config.fusion_weight, rerank_weight=config.rerank_weight),
+                             fusion_weight=config.fusion_weight, rerank_weight=config.rerank_weight,
+                             latency_budget_ms=config.default_latency_budget_ms),
     )
 
 
@@ -248,6 +249,7 @@ async def start_server(config: Config) -> RunningServer:
                 engine.pool.shutdown()
                 raise
         engine.start()
+        await engine.warm_up()
         service.engine = engine
         metrics.index_size.set(engine.index.size)
         for name in ("", SERVICE_NAME):

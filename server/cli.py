@@ -77,7 +77,9 @@ class BackgroundEmbedder:
         return int(self.model.dimension)
 
     def embed(self, texts: list[str]) -> np.ndarray:
-        return asyncio.run_coroutine_threadsafe(self.role.embed(texts), self._loop).result().vectors
+        from twostage.server.batcher import Priority
+
+        return asyncio.run_coroutine_threadsafe(self.role.embed(texts, priority=Priority.BULK), self._loop).result().vectors
 
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self.role.stop(drain_timeout=1.0), self._loop).result()

@@ -68,6 +68,8 @@ class Config:
     rerank_max_batch_size: int = knob(16, "cross-encoder: most pairs in one batch")
     rerank_max_delay_ms: float = knob(2.0, "cross-encoder: longest wait for more work once a batch has started to fill")
     rerank_max_queued_tokens: int = knob(1_000_000, "cross-encoder: queued-token bound; beyond it RESOURCE_EXHAUSTED")
+    free_worker_within_ms: float = knob(10.0, "while latency-critical work (a query embedding) may arrive, keep some inference worker predicted to free within this many ms by cutting other batches shorter (0 = off; server/batcher.py)")
+    warm_up_batches: int = knob(12, "batches of assorted sizes each model runs at startup so that its cost estimate (fixed + per-token batch cost, used to plan latency budgets) is measured before the first request (0 = none)")
     # -- index
     index_metric: str = knob("cos", "vector metric", choices=("cos", "ip", "l2sq"))
     index_dtype: str = knob("f32", "stored scalar type of the HNSW index", choices=("f32", "f16", "i8"))
@@ -91,6 +93,8 @@ class Config:
     default_top_k: int = knob(10, "Search top_k when 0")
     default_candidates: int = knob(20, "Search candidates (stage-1 hits reranked) when 0")
     default_chunk_overlap_tokens: int = knob(32, "Rerank chunk_overlap_tokens when 0 (long-document mode)")
+    default_latency_budget_ms: int = knob(0, "whole-request latency budget of Search and Rerank when a request gives none, in ms (0 = none; the gRPC deadline always applies)")
+    latency_reserve_ms: float = knob(2.0, "kept back from every request's deadline (budget or gRPC deadline) for building, serializing and sending the response")
     filter_overfetch: int = knob(4, "with a metadata filter, fetch this many times more candidates per round")
     # -- retrieval and fusion (docs/benchmarks.md#hybrid-retrieval has the measurements behind the defaults)
     retrieval_mode: str = knob("hybrid", "Search stage 1 when a request leaves it unspecified", choices=("dense", "lexical", "hybrid"))
@@ -137,6 +141,7 @@ class Config:
             if choices and getattr(self, f.name) not in choices:
                 problems.append(f"{f.name}={getattr(self, f.name)!r} not one of {choices}")
         positive = [f.name for f in fields(self) if f.name.startswith(("max_", "embed_max", "rerank_max", "default_"))
+                    and f.name != "default_latency_budget_ms"
                     or f.name in ("index_connectivity", "index_expansion_add", "index_expansion_search", "filter_overfetch")]
         for name in positive:
             if getattr(self, name) <= 0:
@@ -145,6 +150,9 @@ class Config:
             problems.append(f"fusion_weight must be in [0, 1] (got {self.fusion_weight})")
         if not self.rerank_weight <= 1.0:
             problems.append(f"rerank_weight must be at most 1 (negative = query-adaptive; got {self.rerank_weight})")
+        for name in ("default_latency_budget_ms", "latency_reserve_ms", "free_worker_within_ms", "warm_up_batches"):
+            if getattr(self, name) < 0:
+                problems.append(f"{name} must be >= 0 (got {getattr(self, name)})")
         if self.hybrid_depth <= 0:
             problems.append(f"hybrid_depth must be > 0 (got {self.hybrid_depth})")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -4,6 +4,16 @@ the index.
 Knows nothing of gRPC: takes plain values, returns dataclasses, raises `twostage.server.errors`.
 Every request is validated here, before any work is queued. Vectors and scores come from the roles; the engine
 never touches a tokenizer or a logit.
+
+Latency budget (Search and Rerank). A request's deadline is the tightest of its latency budget (the request's
+`latency_budget_ms`, else the deprecated `rerank_budget_ms`, else the server's `default_latency_budget_ms`), counted
+from its arrival, and the caller's gRPC deadline, less `latency_reserve_ms` for building and sending the answer
+(`request_deadline`). With a budget the request degrades to meet it: the query embedding goes first (INTERACTIVE)
+and is refused at once when even it is predicted late; then as many candidates as can be reranked in time, in
+stage-1 order, are submitted at once (`RerankRole.score`, budgeted), and the answer lists the reranked hits first,
+by final score, then the rest in stage-1 order (`budget_limited` says the budget cut reranking short). Without a
+budget, a gRPC deadline that the work queued ahead makes impossible is refused at once (RESOURCE_EXHAUSTED with
+the predicted wait) instead of waiting for it to pass.
 """
 from __future__ import annotations
 
@@ -17,10 +27,11 @@ from typing import Any, Sequence
 import numpy as np
 
 from twostage.server import fusion
-from twostage.server.batcher import BatchStats, InferencePool
+from twostage.server.batcher import BatchStats, InferencePool, Priority
 from twostage.server.config import Config
 from twostage.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from twostage.server.index.backend import Candidates, IndexBackend, StoredDoc, embedding_text
+from twostage.model.reranker import DocumentScores
 from twostage.server.roles import EmbeddingRole, RerankRole
 
 
@@ -90,6 +101,7 @@ class SearchOutcome:
     retrieval_mode: str = "dense"
     rerank_weight: float = 0.0            # the weight applied; 0 when nothing was reranked
     budget_limited: bool = False
+    latency_budget_ms: int = 0            # the effective budget (0 = none)
 
 
 @dataclass
@@ -101,6 +113,7 @@ class RerankItem:
     chunks: int
     best_chunk: int
     truncated: bool
+    scored: bool = True                   # False: left out by the latency budget
 
 
 @dataclass
@@ -108,6 +121,32 @@ class RerankOutcome:
     results: list[RerankItem]
     score_kind: str
     timing: Timing
+    scored: int = 0
+    budget_limited: bool = False
+    latency_budget_ms: int = 0
+
+
+@dataclass(frozen=True)
+class Deadline:
+    """When a request must be answered. `at`: time.monotonic() instant (None = no deadline), the serialization
+    reserve already taken off; `budgeted`: a latency budget set it (work degrades to meet it) rather than the gRPC
+    deadline alone (work is refused at once when predicted late); `budget_ms`: the effective budget for the
+    response (0 when not budgeted)."""
+
+    at: float | None = None
+    budgeted: bool = False
+    budget_ms: int = 0
+
+
+def request_deadline(arrived: float, budget_ms: int, grpc_deadline: float | None, reserve_ms: float) -> Deadline:
+    """The tightest of `arrived` + `budget_ms` (0 = no budget) and the gRPC deadline, less `reserve_ms`."""
+    budget_at = arrived + budget_ms / 1000.0 if budget_ms > 0 else None
+    ends = [t for t in (budget_at, grpc_deadline) if t is not None]
+    if not ends:
+        return Deadline()
+    end = min(ends)
+    return Deadline(at=end - reserve_ms / 1000.0, budgeted=budget_at is not None,
+                    budget_ms=max(0, round((end - arrived) * 1000.0)) if budget_at is not None else 0)
 
 
 @dataclass
@@ -211,6 +250,19 @@ class Engine:
         self.embedder.start()
         self.reranker.start()
 
+    async def warm_up(self) -> None:
+        """Fit both models' cost estimates with `warm_up_batches` batches of assorted sizes (before serving)."""
+        await self.embedder.warm_up(self.config.warm_up_batches)
+        await self.reranker.warm_up(self.config.warm_up_batches)
+
+    def _deadline(self, arrived: float | None, budget_ms: int, grpc_deadline: float | None) -> Deadline:
+        """The request's deadline (module docstring); `budget_ms` 0 = the server's default budget."""
+        if budget_ms < 0:
+            raise InvalidArgument("latency_budget_ms", f"is {budget_ms}; must be >= 0 (0 = server default)")
+        return request_deadline(time.monotonic() if arrived is None else arrived,
+                                budget_ms or self.config.default_latency_budget_ms, grpc_deadline,
+                                self.config.latency_reserve_ms)
+
     async def close(self, drain_timeout: float = 1.0) -> None:
         """Stop the roles (queued work gets `drain_timeout` s), close the index, shut the inference pool down."""
         await self.embedder.stop(drain_timeout=drain_timeout)
@@ -220,14 +272,16 @@ class Engine:
 
     # ---------------------------------------------------------------- embed
     async def _embed_texts(self, texts: list[str], timing: Timing, deadline: float | None,
-                           max_tokens: int = 0, truncate: bool = True, field_name: str = "texts") -> np.ndarray:
-        embedded = await self.embedder.embed(texts, deadline=deadline, max_tokens=max_tokens, truncate=truncate,
-                                             field=field_name)
+                           max_tokens: int = 0, truncate: bool = True, field_name: str = "texts",
+                           priority: Priority = Priority.NORMAL) -> np.ndarray:
+        embedded = await self.embedder.embed(texts, deadline=deadline, priority=priority, max_tokens=max_tokens,
+                                             truncate=truncate, field=field_name)
         timing.embed.tokenize_ms += embedded.tokenize_ms
         timing.embed.add(embedded.stats)
         return embedded.vectors
 
     async def embed(self, texts: list[str], *, truncate: bool = True, deadline: float | None = None) -> EmbedOutcome:
+        """`deadline`: the gRPC deadline (refused at once when the work queued ahead makes it impossible)."""
         cfg = self.config
         check_count("texts", len(texts), cfg.max_embed_texts)
         for i, t in enumerate(texts):
@@ -237,18 +291,19 @@ class Engine:
         return EmbedOutcome(vectors=vectors, normalized=self.embedder.model.normalize, timing=timing.finish())
 
     # ---------------------------------------------------------------- rerank core
-    async def _score_pairs(self, query: str, docs: list[str], timing: Timing, deadline: float | None, *,
+    async def _score_pairs(self, query: str, docs: list[str], timing: Timing, deadline: Deadline, *,
                            max_query_tokens: int, max_doc_tokens: int, truncate: bool,
-                           chunk_long: bool, chunk_overlap: int, want_raw: bool) -> tuple[np.ndarray, list[int], list[int], list[bool]]:
-        """Scores per document (raw or normalized; best chunk in long-document mode), chunk counts, best chunk,
-        truncated flags (twostage.model.reranker.best_chunks)."""
-        scored = await self.reranker.score(query, docs, deadline=deadline, max_query_tokens=max_query_tokens,
+                           chunk_long: bool, chunk_overlap: int) -> tuple[DocumentScores, np.ndarray]:
+        """Scores per document (raw and normalized; best chunk in long-document mode, with chunk counts, best chunk
+        and truncated flags: twostage.model.reranker.best_chunks) and which documents were scored: all of them
+        without a budget, as many as fit in the caller's order with one."""
+        scored = await self.reranker.score(query, docs, deadline=deadline.at, budgeted=deadline.budgeted,
+                                           priority=Priority.NORMAL, max_query_tokens=max_query_tokens,
                                            max_doc_tokens=max_doc_tokens, truncate=truncate, chunk_long=chunk_long,
                                            chunk_overlap=chunk_overlap)
         timing.rerank.tokenize_ms += scored.tokenize_ms
         timing.rerank.add(scored.stats)
-        d = scored.documents
-        return (d.raw if want_raw else d.normalized), d.chunks, d.best_chunk, d.truncated
+        return scored.documents, scored.completed
 
     def _validate_rerank_query(self, query: str, max_query_tokens: int, max_doc_tokens: int) -> None:
         check_text("query", query, self.config.max_query_bytes)
@@ -259,8 +314,13 @@ class Engine:
     async def rerank(self, query: str, *, texts: Sequence[str] = (), document_ids: Sequence[str] = (),
                      top_n: int = 0, return_documents: bool = False, raw: bool = False, truncate: bool = True,
                      max_query_tokens: int = 0, max_doc_tokens: int = 0, chunk_long: bool = False,
-                     chunk_overlap: int = 0, deadline: float | None = None) -> RerankOutcome:
+                     chunk_overlap: int = 0, deadline: float | None = None, latency_budget_ms: int = 0,
+                     arrived: float | None = None, first_stage_scores: Sequence[float] = (),
+                     rerank_weight: float | None = None) -> RerankOutcome:
+        """`deadline`: the gRPC deadline; `arrived`: when the request arrived (time.monotonic(); now if None)."""
         cfg = self.config
+        timing = Timing()
+        when = self._deadline(arrived, latency_budget_ms, deadline)
         self._validate_rerank_query(query, max_query_tokens, max_doc_tokens)
         if texts and document_ids:
             raise InvalidArgument("texts", "give either texts or document_ids, not both")
@@ -270,7 +330,14 @@ class Engine:
         if chunk_overlap < 0 or (chunk_overlap and chunk_overlap >= self.reranker.max_length // 2):
             raise InvalidArgument("chunk_overlap_tokens",
                                   f"is {chunk_overlap}; must be below {self.reranker.max_length // 2}")
-        timing = Timing()
+        if first_stage_scores:
+            if len(first_stage_scores) != n:
+                raise InvalidArgument("first_stage_scores", f"has {len(first_stage_scores)} scores for {n} "
+                                      f"documents; give one per document (or none)")
+            for i, value in enumerate(first_stage_scores):
+                if not math.isfinite(value):
+                    raise InvalidArgument(f"first_stage_scores[{i}]", f"is {value}; scores must be finite")
+        self._check_weight("rerank_weight", rerank_weight)
         ids: list[str] = []
         if texts:
             for i, t in enumerate(texts):
@@ -287,17 +354,37 @@ class Engine:
                 raise NotFound(f"document_ids: {len(missing)} unknown id(s): {shown}" + (" …" if len(missing) > 10 else ""))
             ids = list(document_ids)
             docs = [embedding_text(stored[d].title, stored[d].text) for d in ids]
-        scores, chunks, best_chunk, truncated = await self._score_pairs(
-            query, docs, timing, deadline, max_query_tokens=max_query_tokens, max_doc_tokens=max_doc_tokens,
-            truncate=truncate, chunk_long=chunk_long, chunk_overlap=chunk_overlap or cfg.default_chunk_overlap_tokens,
-            want_raw=raw)
-        order = sorted(range(len(docs)), key=lambda i: (-float(scores[i]), i))
+        d, completed = await self._score_pairs(
+            query, docs, timing, when, max_query_tokens=max_query_tokens, max_doc_tokens=max_doc_tokens,
+            truncate=truncate, chunk_long=chunk_long, chunk_overlap=chunk_overlap or cfg.default_chunk_overlap_tokens)
+        scores = self._rerank_scores(d, completed, raw, first_stage_scores,
+                                     cfg.rerank_weight if rerank_weight is None else rerank_weight)
+        scored = [i for i in range(len(docs)) if completed[i]]
+        order = sorted(scored, key=lambda i: (-scores[i], i)) + [i for i in range(len(docs)) if not completed[i]]
         if top_n:
             order = order[:top_n]
-        results = [RerankItem(index=i, score=float(scores[i]), id=ids[i] if ids else "",
-                              text=docs[i] if return_documents else "", chunks=chunks[i],
-                              best_chunk=best_chunk[i], truncated=truncated[i]) for i in order]
-        return RerankOutcome(results=results, score_kind="raw" if raw else "normalized", timing=timing.finish())
+        results = [RerankItem(index=i, score=scores[i], id=ids[i] if ids else "",
+                              text=docs[i] if return_documents else "", chunks=d.chunks[i],
+                              best_chunk=d.best_chunk[i], truncated=d.truncated[i], scored=bool(completed[i]))
+                   for i in order]
+        return RerankOutcome(results=results, score_kind="raw" if raw else "normalized", timing=timing.finish(),
+                             scored=len(scored), budget_limited=len(scored) < len(docs),
+                             latency_budget_ms=when.budget_ms)
+
+    def _rerank_scores(self, d: DocumentScores, completed: np.ndarray, raw: bool, first_stage: Sequence[float],
+                       weight: float) -> list[float]:
+        """Each document's Rerank score: its cross-encoder score (0 when unscored), or with first-stage scores the
+        fused score by the rule of Search (`_final_scores`, the scored documents taking the reranked hits' part)."""
+        kind = d.raw if raw else d.normalized
+        if not len(first_stage):
+            return [float(kind[i]) if completed[i] else 0.0 for i in range(len(completed))]
+        hits = [Hit(id=str(i), score=0.0, rerank_score=float(kind[i]) if completed[i] else 0.0,
+                    retrieval_score=float(first_stage[i]), reranked=bool(completed[i]), retrieval_rank=i,
+                    document=None, rerank_normalized=float(d.normalized[i]) if completed[i] else 0.0,
+                    rerank_raw=float(d.raw[i]) if completed[i] else 0.0) for i in range(len(completed))]
+        scored = [h for h in hits if h.reranked]
+        self._final_scores(scored + [h for h in hits if not h.reranked], len(scored), weight)
+        return [h.score for h in hits]
 
     # ---------------------------------------------------------------- search
     def _check_weight(self, name: str, value: float | None) -> None:
@@ -309,8 +396,13 @@ class Engine:
                      raw: bool = False, max_query_tokens: int = 0, max_doc_tokens: int = 0,
                      expansion_search: int = 0, retrieval_mode: str = "", fusion_method: str = "",
                      fusion_weight: float | None = None, rerank_weight: float | None = None,
-                     deadline: float | None = None) -> SearchOutcome:
+                     deadline: float | None = None, latency_budget_ms: int = 0,
+                     arrived: float | None = None) -> SearchOutcome:
+        """`deadline`: the gRPC deadline; `arrived`: when the request arrived (time.monotonic(); now if None);
+        `rerank_budget_ms`: deprecated alias of `latency_budget_ms`, used when that is 0."""
         cfg = self.config
+        timing = Timing()
+        when = self._deadline(arrived, latency_budget_ms or rerank_budget_ms, deadline)
         check_text("query", query, cfg.max_query_bytes)
         check_range("top_k", top_k, cfg.max_top_k)
         check_range("candidates", candidates, cfg.max_candidates)
@@ -328,11 +420,10 @@ class Engine:
         self._validate_rerank_query(query, max_query_tokens, max_doc_tokens)
         top_k = top_k or cfg.default_top_k
         n_candidates = max(candidates or cfg.default_candidates, top_k)
-        timing = Timing()
 
         fused, exhausted = await self._stage_one(query, mode, method, cfg.fusion_weight if fusion_weight is None
                                                  else fusion_weight, n_candidates, filter or None,
-                                                 expansion_search, max_query_tokens, timing, deadline)
+                                                 expansion_search, max_query_tokens, timing, when.at)
         fused = fused[:n_candidates]
         need_docs = (not skip_rerank) or (not ids_only)
         stored: dict[str, StoredDoc] = {}
@@ -352,17 +443,19 @@ class Engine:
         if not skip_rerank and hits:
             score_kind = "raw" if raw else "normalized"
             texts = [embedding_text(stored[h.id].title, stored[h.id].text) for h in hits]
-            n_reranked = await self._rerank_hits(query, hits, texts, timing, deadline, raw=raw,
-                                                 budget_ms=rerank_budget_ms, max_query_tokens=max_query_tokens,
-                                                 max_doc_tokens=max_doc_tokens)
+            n_reranked = await self._rerank_hits(query, hits, texts, timing, when, raw=raw,
+                                                 max_query_tokens=max_query_tokens, max_doc_tokens=max_doc_tokens)
+            # the reranked hits first (each group in stage-1 order): `_final_scores` takes them as a prefix
+            hits = [h for h in hits if h.reranked] + [h for h in hits if not h.reranked]
             applied_weight = self._final_scores(hits, n_reranked, cfg.rerank_weight if rerank_weight is None
                                                 else rerank_weight) if n_reranked else 0.0
-            hits = sorted(hits, key=lambda h: (-h.score, h.retrieval_rank))
+            hits = sorted(hits, key=lambda h: (not h.reranked, -h.score, h.retrieval_rank))
         hits = hits[:top_k]
         return SearchOutcome(hits=hits, score_kind=score_kind, candidates=len(fused), reranked=n_reranked,
                              filter_exhausted=bool(filter) and exhausted and len(fused) < top_k,
                              timing=timing.finish(), retrieval_mode=mode, rerank_weight=applied_weight,
-                             budget_limited=not skip_rerank and n_reranked < len(fused))
+                             budget_limited=not skip_rerank and n_reranked < len(fused),
+                             latency_budget_ms=when.budget_ms)
 
     async def _stage_one(self, query: str, mode: str, method: str, dense_weight: float, n_candidates: int,
                          flt: dict[str, Any] | None, expansion_search: int, max_query_tokens: int, timing: Timing,
@@ -383,7 +476,7 @@ class Engine:
             dense = None
             if mode in ("dense", "hybrid"):
                 vector = (await self._embed_texts([query], timing, deadline, max_tokens=max_query_tokens,
-                                                  field_name="query"))[0]
+                                                  field_name="query", priority=Priority.INTERACTIVE))[0]
                 t0 = time.perf_counter()
                 dense = await asyncio.to_thread(self.index.search, vector, depth,
                                                 expansion_search=expansion_search or None, filter=flt)
@@ -404,7 +497,7 @@ class Engine:
     def _final_scores(self, hits: list[Hit], n_reranked: int, weight: float) -> float:
         """Set every hit's `score` from its cross-encoder and stage-1 scores (SearchHit.score in the proto says
         how); return the cross-encoder weight applied (`weight`, or the query-adaptive one when negative).
-        The reranked hits are the stage-1 prefix, so the rest always follow them."""
+        The reranked hits are the first `n_reranked` of `hits` (the caller orders the answer reranked first)."""
         done = hits[:n_reranked]
         ce = np.array([h.rerank_normalized for h in done])
         if weight < 0:
@@ -420,38 +513,20 @@ class Engine:
         return weight
 
     async def _rerank_hits(self, query: str, hits: list[Hit], texts: list[str], timing: Timing,
-                           deadline: float | None, *, raw: bool, budget_ms: int, max_query_tokens: int,
-                           max_doc_tokens: int) -> int:
-        """Score hits in stage-1 order; return how many (a prefix) were scored. With a budget: one batch-sized
-        slice at a time while the budget lasts."""
-        if budget_ms <= 0:
-            slices = [(0, len(hits))]
-        else:
-            step = max(1, self.config.rerank_max_batch_size)
-            slices = [(i, min(i + step, len(hits))) for i in range(0, len(hits), step)]
-        started = time.perf_counter()
-        slowest = 0.0
-        done = 0
-        for lo, hi in slices:
-            if budget_ms > 0 and done:
-                elapsed = (time.perf_counter() - started) * 1000.0
-                if elapsed + slowest > budget_ms:
-                    break
-            t0 = time.perf_counter()
-            scored = await self.reranker.score(query, texts[lo:hi], deadline=deadline,
-                                               max_query_tokens=max_query_tokens, max_doc_tokens=max_doc_tokens,
-                                               truncate=True, chunk_long=False, chunk_overlap=0)
-            timing.rerank.tokenize_ms += scored.tokenize_ms
-            timing.rerank.add(scored.stats)
-            slowest = max(slowest, (time.perf_counter() - t0) * 1000.0)
-            d = scored.documents
-            for h, r, n in zip(hits[lo:hi], d.raw, d.normalized):
+                           deadline: Deadline, *, raw: bool, max_query_tokens: int, max_doc_tokens: int) -> int:
+        """Score hits with the cross-encoder and mark them reranked; return how many. With a latency budget, those
+        that fit by the deadline, planned in stage-1 order and submitted at once (any that did not complete stay
+        unreranked); without one, all of them (refused at once when a gRPC deadline is predicted to be missed)."""
+        d, completed = await self._score_pairs(query, texts, timing, deadline, max_query_tokens=max_query_tokens,
+                                               max_doc_tokens=max_doc_tokens, truncate=True, chunk_long=False,
+                                               chunk_overlap=0)
+        for h, r, n, ok in zip(hits, d.raw, d.normalized, completed):
+            if ok:
                 h.rerank_score = float(r if raw else n)
                 h.rerank_normalized = float(n)
                 h.rerank_raw = float(r)
                 h.reranked = True
-            done = hi
-        return done
+        return int(completed.sum())
 
     # ---------------------------------------------------------------- writes
     def _check_writable(self) -> None:
@@ -489,7 +564,7 @@ class Engine:
                 vectors[i] = np.asarray(d.embedding, dtype=np.float32)
         if to_embed:
             texts = [embedding_text(documents[i].title, documents[i].text) for i in to_embed]
-            vectors[to_embed] = await self._embed_texts(texts, timing, deadline)
+            vectors[to_embed] = await self._embed_texts(texts, timing, deadline, priority=Priority.BULK)
         docs = [StoredDoc(id=d.id, text=d.text, title=d.title, metadata=dict(d.metadata)) for d in documents]
         t0 = time.perf_counter()
         inserted, updated = await asyncio.to_thread(self.index.upsert, docs, vectors)

@@ -13,7 +13,13 @@ class NotFound(TwoStageError):
 
 
 class ResourceExhausted(TwoStageError):
-    """A queue or concurrency bound is full; retry later."""
+    """A queue or concurrency bound is full, or the work queued ahead makes the deadline impossible; retry later.
+    `predicted_wait_ms`: for a refusal by prediction, the predicted wait (the service sends it as trailing metadata
+    too)."""
+
+    def __init__(self, message: str, *, predicted_wait_ms: float | None = None):
+        super().__init__(message)
+        self.predicted_wait_ms = predicted_wait_ms
 
 
 class DeadlineExceeded(TwoStageError):

@@ -17,6 +17,9 @@ from twostage.v1 import twostage_pb2_grpc as pb_grpc
 
 log = logging.getLogger("twostage.service")
 
+# Trailing metadata of a RESOURCE_EXHAUSTED refusal by prediction: the predicted wait in ms (errors.ResourceExhausted).
+PREDICTED_WAIT_KEY = "twostage-predicted-wait-ms"
+
 # The one error -> status mapping.
 STATUS_OF: dict[type, grpc.StatusCode] = {
     errors.InvalidArgument: grpc.StatusCode.INVALID_ARGUMENT,
@@ -138,7 +141,9 @@ class TwoStageService(pb_grpc.TwoStageServicer):
             return await work(self.engine)
         except errors.TwoStageError as exc:
             code = STATUS_OF.get(type(exc), grpc.StatusCode.INTERNAL)
-            await context.abort(code, str(exc))
+            wait_ms = getattr(exc, "predicted_wait_ms", None)
+            trailing = ((PREDICTED_WAIT_KEY, f"{wait_ms:.1f}"),) if wait_ms is not None else ()
+            await context.abort(code, str(exc), trailing_metadata=trailing)
         except asyncio.CancelledError:
             code = grpc.StatusCode.CANCELLED
             raise
@@ -158,6 +163,8 @@ class TwoStageService(pb_grpc.TwoStageServicer):
 
     # ------------------------------------------------------------------ RPCs
     async def Search(self, request: pb.SearchRequest, context) -> pb.SearchResponse:
+        arrived = time.monotonic()
+
         async def work(engine: Engine) -> pb.SearchResponse:
             out = await engine.search(
                 request.query, top_k=request.top_k, candidates=request.candidates, skip_rerank=request.skip_rerank,
@@ -169,7 +176,9 @@ class TwoStageService(pb_grpc.TwoStageServicer):
                 fusion_method=_enum_name(FUSION_NAME, request.fusion, "fusion"),
                 fusion_weight=request.fusion_weight if request.HasField("fusion_weight") else None,
                 rerank_weight=request.rerank_weight if request.HasField("rerank_weight") else None,
-                deadline=_deadline(context))
+                deadline=_deadline(context), latency_budget_ms=request.latency_budget_ms, arrived=arrived)
+            if out.budget_limited and self._metrics is not None:
+                self._metrics.observe_budget_limited("Search")
             hits = []
             for h in out.hits:
                 hit = pb.SearchHit(id=h.id, score=h.score, rerank_score=h.rerank_score,
@@ -185,21 +194,31 @@ class TwoStageService(pb_grpc.TwoStageServicer):
             return pb.SearchResponse(hits=hits, score_kind=SCORE_KIND[out.score_kind], candidates=out.candidates,
                                      reranked=out.reranked, filter_exhausted=out.filter_exhausted,
                                      timing=timing_pb(out.timing), retrieval_mode=RETRIEVAL_MODE[out.retrieval_mode],
-                                     budget_limited=out.budget_limited, rerank_weight=out.rerank_weight)
+                                     budget_limited=out.budget_limited, rerank_weight=out.rerank_weight,
+                                     latency_budget_ms=out.latency_budget_ms)
         return await self._call("Search", context, work)
 
     async def Rerank(self, request: pb.RerankRequest, context) -> pb.RerankResponse:
+        arrived = time.monotonic()
+
         async def work(engine: Engine) -> pb.RerankResponse:
             out = await engine.rerank(
                 request.query, texts=list(request.texts), document_ids=list(request.document_ids),
                 top_n=request.top_n, return_documents=request.return_documents, raw=request.raw_scores,
                 truncate=_truncate(request.truncation), max_query_tokens=request.max_query_tokens,
                 max_doc_tokens=request.max_document_tokens, chunk_long=request.chunk_long_documents,
-                chunk_overlap=request.chunk_overlap_tokens, deadline=_deadline(context))
+                chunk_overlap=request.chunk_overlap_tokens, deadline=_deadline(context),
+                latency_budget_ms=request.latency_budget_ms, arrived=arrived,
+                first_stage_scores=list(request.first_stage_scores),
+                rerank_weight=request.rerank_weight if request.HasField("rerank_weight") else None)
+            if out.budget_limited and self._metrics is not None:
+                self._metrics.observe_budget_limited("Rerank")
             results = [pb.RerankResult(index=r.index, score=r.score, id=r.id, text=r.text, chunks=r.chunks,
-                                       best_chunk=r.best_chunk, truncated=r.truncated) for r in out.results]
+                                       best_chunk=r.best_chunk, truncated=r.truncated, scored=r.scored)
+                       for r in out.results]
             return pb.RerankResponse(results=results, score_kind=SCORE_KIND[out.score_kind],
-                                     timing=timing_pb(out.timing))
+                                     timing=timing_pb(out.timing), scored=out.scored,
+                                     budget_limited=out.budget_limited, latency_budget_ms=out.latency_budget_ms)
         return await self._call("Rerank", context, work)
 
     async def Embed(self, request: pb.EmbedRequest, context) -> pb.EmbedResponse:

@@ -292,3 +292,26 @@ def test_lexical_index_bench(tiny):
     assert all(between(v["ndcg@10"]) and v["ndcg@10"] > 0 for v in data["quality"].values())
     scaled = data["scaled"]
     assert scaled["documents"] == 80 and scaled["matches_per_query"]["p50"] == 2 * data["matches_per_query"]["p50"]
+
+
+def test_budget_bench(tiny):
+    data = run_bench("budget", tiny)
+    first, second = data["datasets"]
+    assert (first["dataset"], second["dataset"]) == ("trec-dl-2019-subset", "scifact")
+    for d in (first, second):
+        assert d["documents"] == 40 and d["queries"] == 4
+        assert list(d["sweep"]) == ["stage 1 only", "budget 50 ms", "budget 200 ms", "full rerank"]
+        for setting, row in d["sweep"].items():
+            assert row["requests"] == 4 and row["latency_ms"]["p50"] > 0 and between(row["ndcg@10"])
+        assert d["sweep"]["stage 1 only"]["pairs_reranked"]["max"] == 0
+        assert d["sweep"]["full rerank"]["pairs_reranked"]["min"] == 40    # every candidate of the tiny corpus
+        assert d["sweep"]["budget 200 ms"]["p99_over_budget"] > 0
+        c = d["concurrent"]
+        assert c["requests"] == 16 and c["clients"] == 4 and between(c["share_with_a_pair_reranked"])
+    hol = first["head_of_line"]
+    for kind in ("stage 1 only", "budget 50 ms"):
+        assert hol[kind]["idle_ms"]["n"] == 4 and hol[kind]["during_rerank_ms"]["n"] >= 0
+    assert "head_of_line" not in second and "flood" not in second
+    flood = first["flood"]
+    assert sum(flood["codes"].values()) == 8 and flood["alone_pairs_per_s"] > 0
+    assert set(data["targets"]) == {"one_client", "concurrent", "head_of_line", "flood"}
