@@ -39,7 +39,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (Dataset, ServerProcess, base_parser, document_text, finish_common_args, format_table,
-                          load_dataset, resolve_threads, save_result, server_threads, summarize)
+                          load_dataset, metric_delta, parse_metrics, resolve_threads, save_result, server_threads,
+                          summarize)
 from bench.ir_metrics import ndcg_at_k
 from bench.prepare import corpus_index
 
@@ -230,8 +231,11 @@ def flood(server: ServerProcess, ds: Dataset, qids: list[str], args: argparse.Na
     def passages(k: int) -> list[str]:
         return [document_text(*ds.corpus[ids[(k * 100 + j) % len(ids)]]) for j in range(100)]
 
+    requests = [pb.RerankRequest(query=ds.queries[qids[k % len(qids)]], texts=passages(k))
+                for k in range(args.flood_calls)]                # built before the clock starts
+
     def call(k: int) -> tuple[float, float, str]:
-        request = pb.RerankRequest(query=ds.queries[qids[k % len(qids)]], texts=passages(k))
+        request = requests[k]
         started = time.perf_counter()
         try:
             stubs[k % len(stubs)].Rerank(request, timeout=args.flood_deadline_s)
@@ -240,10 +244,17 @@ def flood(server: ServerProcess, ds: Dataset, qids: list[str], args: argparse.Na
             code = err.code().name
         return started, time.perf_counter(), code
 
+    before = parse_metrics(server.metrics_text())
     t0 = time.perf_counter()
     with ThreadPoolExecutor(max_workers=args.flood_threads) as pool:
         calls = list(pool.map(call, range(args.flood_calls)))
     wall = time.perf_counter() - t0
+    after = parse_metrics(server.metrics_text())
+    # the server's own time for its refusals (its RPC latency histogram): the client's share is the rest
+    refused_server = metric_delta(before, after, "twostage_request_seconds_count", method="Rerank",
+                                  code="RESOURCE_EXHAUSTED")
+    within = {le: metric_delta(before, after, "twostage_request_seconds_bucket", method="Rerank",
+                               code="RESOURCE_EXHAUSTED", le=le) for le in ("0.01", "0.025", "0.05", "0.1")}
     by_code: dict[str, list[float]] = {}
     for started, ended, code in calls:
         by_code.setdefault(code, []).append((ended - started) * 1000.0)
@@ -261,6 +272,8 @@ def flood(server: ServerProcess, ds: Dataset, qids: list[str], args: argparse.Na
     out = {"calls": args.flood_calls, "threads": args.flood_threads, "deadline_s": args.flood_deadline_s,
            "wall_s": wall, "codes": {c: len(v) for c, v in by_code.items()},
            "latency_ms_by_code": {c: summarize(v) for c, v in by_code.items()},
+           "server_refusals": refused_server,
+           "server_refusals_within_s": {le: (n / refused_server if refused_server else None) for le, n in within.items()},
            "accepted_pairs_per_s": (accepted * 100 / busy_s) if busy_s else None,
            "alone_pairs_per_s": max(accepted, 2) * 100 / alone_s}
     out["throughput_ratio"] = (out["accepted_pairs_per_s"] / out["alone_pairs_per_s"]) \

@@ -9,9 +9,10 @@ on the serving event loop and stopped with `stop()` by whoever started them (the
 Deadlines (time.monotonic() instants). Unbudgeted work with a deadline is refused at once (`ResourceExhausted`
 with the predicted wait) when the batcher predicts it cannot be done in time (`refuse_if_late`), instead of
 queueing until the deadline passes; admitted, it fails with DeadlineExceeded if it still is not dispatched in
-time. The check runs twice: before tokenizing, on a floor of each text's tokens read from its size
+time. The check runs twice (`Admission`): before tokenizing, on a floor of each text's tokens read from its size
 (`token_floor`), so that a flood of doomed requests is refused without tokenizing any of it; then on the real
-token counts. Budgeted work (``budgeted=True``) degrades instead: `RerankRole.score` plans how many documents, in
+token counts. Work admitted and still being tokenized counts ahead of later arrivals, so that a burst arriving
+at an empty queue is not admitted whole. Budgeted work (``budgeted=True``) degrades instead: `RerankRole.score` plans how many documents, in
 the caller's order, can be scored by the deadline (`Batcher.plan_prefix`, whole documents), submits them at once
 so every worker shares them, and says which were scored (`Scored.completed`). It tokenizes only what may fit:
 a first slice of the documents, then twice as many while all of them fit (tokenizing 100 candidates costs about
@@ -88,6 +89,40 @@ def refuse_if_late(batcher: Batcher, lengths: Sequence[int], deadline: float | N
             f"(or a latency budget, which degrades instead)", predicted_wait_ms=wait * 1000.0)
 
 
+class Admission:
+    """Fail-fast admission of a role's unbudgeted work with a deadline (module docstring): `admit` checks token
+    floors against the work queued ahead and holds them while the request tokenizes; `confirm` checks the real
+    token counts and lets go (the request then queues in the batcher itself); `release` lets go after a failure.
+    Held work of other requests counts as work ahead in both checks."""
+
+    def __init__(self, batcher: Batcher):
+        self.batcher = batcher
+        self._held: dict[object, list[int]] = {}
+
+    def _check(self, lengths: Sequence[int], deadline: float, what: str, own: object = None) -> None:
+        ahead = [n for key, held in self._held.items() if key is not own for n in held]
+        refuse_if_late(self.batcher, ahead + list(lengths), deadline, what)
+
+    def admit(self, floors: Sequence[int], deadline: float, what: str) -> object:
+        self._check(floors, deadline, what)
+        key = object()
+        self._held[key] = list(floors)
+        return key
+
+    def confirm(self, key: object, lengths: Sequence[int], deadline: float, what: str) -> None:
+        try:
+            self._check(lengths, deadline, what, own=key)
+        finally:
+            self.release(key)
+
+    def release(self, key: object) -> None:
+        self._held.pop(key, None)
+
+    @property
+    def held_requests(self) -> int:
+        return len(self._held)
+
+
 @dataclass(frozen=True)
 class BatchLimits:
     """A role's batcher knobs (config `embed_*` / `rerank_*`)."""
@@ -147,6 +182,7 @@ class _Role:
 
     model: Embedder | Reranker
     batcher: Batcher
+    admission: Admission
 
     @property
     def max_length(self) -> int:
@@ -200,6 +236,7 @@ class EmbeddingRole(_Role):
                  metrics: BatchMetrics | None = None):
         self.model = model
         self.batcher = _batcher(model, pool, limits, metrics)
+        self.admission = Admission(self.batcher)
 
     def _warm_up_items(self, length: int, count: int) -> list[Encoded]:
         return self.model.encode([WARM_UP_TEXT] * count, max_tokens=length)
@@ -210,16 +247,22 @@ class EmbeddingRole(_Role):
         """Vectors of `texts`, each cut to `max_tokens` (0 = the model's limit) unless `truncate` is False, in
         which case an over-long text raises InvalidArgument naming `field[i]`. With a deadline: refused at once
         when predicted late (unbudgeted), or only what can be done in time is done (`budgeted`)."""
+        admitted = None
         if not budgeted and deadline is not None:
             cap = max_tokens or self.max_length
             specials = self.model.tokenizer.single_specials
-            refuse_if_late(self.batcher, [token_floor(utf8_size(t), specials, cap) for t in texts], deadline, field)
+            admitted = self.admission.admit([token_floor(utf8_size(t), specials, cap) for t in texts], deadline,
+                                            field)
         t0 = time.perf_counter()
-        encoded = await asyncio.to_thread(self.model.encode, texts, max_tokens=max_tokens, truncate=truncate,
-                                          field=field)
+        try:
+            encoded = await asyncio.to_thread(self.model.encode, texts, max_tokens=max_tokens, truncate=truncate,
+                                              field=field)
+            if admitted is not None:
+                self.admission.confirm(admitted, [len(e) for e in encoded], deadline, field)
+        finally:
+            if admitted is not None:
+                self.admission.release(admitted)
         tokenize_ms = (time.perf_counter() - t0) * 1000.0
-        if not budgeted:
-            refuse_if_late(self.batcher, [len(e) for e in encoded], deadline, field)
         result = await self.batcher.submit(encoded, deadline=deadline, budgeted=budgeted, priority=priority)
         vectors = np.asarray(result.outputs, dtype=np.float32)
         if vectors.shape[1:] != (self.model.dimension,):      # nothing completed: no row width yet
@@ -234,6 +277,7 @@ class RerankRole(_Role):
                  metrics: BatchMetrics | None = None):
         self.model = model
         self.batcher = _batcher(model, pool, limits, metrics)
+        self.admission = Admission(self.batcher)
 
     def _warm_up_items(self, length: int, count: int) -> list[Encoded]:
         return self.model.encode("warm up query", [WARM_UP_TEXT] * count, max_doc_tokens=max(1, length - 8))
@@ -272,12 +316,18 @@ class RerankRole(_Role):
                 if planned < len(pairs) or tokenized == len(docs):
                     break
         else:
+            admitted = None
             if deadline is not None:
                 q_bytes, specials = utf8_size(query), self.model.tokenizer.pair_specials
                 floors = [token_floor(q_bytes + utf8_size(d), specials, self.max_length) for d in docs]
-                refuse_if_late(self.batcher, floors, deadline, "rerank")
-            pairs, owner = await asyncio.to_thread(encode, docs)
-            refuse_if_late(self.batcher, [len(p) for p in pairs], deadline, "rerank")
+                admitted = self.admission.admit(floors, deadline, "rerank")
+            try:
+                pairs, owner = await asyncio.to_thread(encode, docs)
+                if admitted is not None:
+                    self.admission.confirm(admitted, [len(p) for p in pairs], deadline, "rerank")
+            finally:
+                if admitted is not None:
+                    self.admission.release(admitted)
             planned = len(pairs)
         tokenize_ms = (time.perf_counter() - t0) * 1000.0
         if planned:

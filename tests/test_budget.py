@@ -25,13 +25,14 @@ from twostage.model.model_set import open_model_set
 from twostage.model.reranker import Reranker
 from twostage.model.session import SessionSettings
 from twostage.model.tokenization import Encoded
-from twostage.server.batcher import InferencePool
+from twostage.server.batcher import Batcher, InferencePool
+from twostage.server.cost import CostModel
 from twostage.server.config import Config
 from twostage.server.engine import DocumentInput, Engine, RerankOutcome, SearchOutcome, request_deadline
-from twostage.server.errors import DeadlineExceeded
+from twostage.server.errors import DeadlineExceeded, ResourceExhausted
 from twostage.server.index.embedded import DocumentIndex
 from twostage.server.index.settings import IndexSettings
-from twostage.server.roles import (BatchLimits, EmbeddingRole, RerankRole, token_floor, utf8_size,
+from twostage.server.roles import (Admission, BatchLimits, EmbeddingRole, RerankRole, token_floor, utf8_size,
                                    whole_documents)
 from twostage.server.service import PREDICTED_WAIT_KEY
 from twostage.v1 import twostage_pb2 as pb
@@ -204,6 +205,27 @@ def test_the_token_floor_is_a_floor(models):
         floor = token_floor(utf8_size(QUERIES[0]) + utf8_size(t), reranker.tokenizer.pair_specials,
                             reranker.max_length)
         assert 0 < floor <= pair
+
+
+def test_admission_counts_work_still_tokenizing_ahead_of_later_arrivals():
+    cost = CostModel(0.01, 0.001, token_scale=256)         # 8 items of 30 tokens: 0.25 s on the one worker
+    batcher = Batcher("cross-encoder", lambda batch: np.zeros((len(batch), 1)), max_batch_tokens=256,
+                      max_batch_size=16, max_delay_ms=0.0, max_queued_tokens=1_000_000, cost=cost,
+                      pool=InferencePool(1))
+    admission = Admission(batcher)
+    floors = [30] * 10                                       # ~0.32 s of work
+    deadline = time.monotonic() + 0.5
+    first = admission.admit(floors, deadline, "rerank")     # nothing ahead: admitted
+    with pytest.raises(ResourceExhausted) as refused:       # the first one's held work goes ahead of it
+        admission.admit(floors, deadline, "rerank")
+    assert refused.value.predicted_wait_ms > 500 and admission.held_requests == 1
+    with pytest.raises(ResourceExhausted):                  # its real token counts are more than its floors
+        admission.confirm(first, [60] * 10, deadline, "rerank")   # ~0.63 s
+    assert admission.held_requests == 0                     # refused at the second check: let go
+    second = admission.admit(floors, deadline, "rerank")
+    admission.confirm(second, floors, deadline, "rerank")  # fits: queues in the batcher itself from here
+    assert admission.held_requests == 0
+    batcher.pool.shutdown()
 
 
 # ------------------------------------------------------------------------------------------ the engine
