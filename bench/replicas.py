@@ -14,8 +14,10 @@ Search), `after` (all up again). Calls per replica come from each replica's own 
 replica's count is its last scrape before the kill. Failed calls are what the client raised, by status.
 
 The time for the restarted replica to take traffic again is split in two: restart -> SERVING (the process
-starting: imports, models, Milvus connection) and SERVING -> first served Search (how soon the clients'
-channel reconnects to it; gRPC's reconnect backoff grows while a replica is down).
+starting: imports, models, Milvus connection) and SERVING -> first served Search. The server opens its port
+before it loads, so the clients' channel can reconnect while it loads (calls it gets then fail UNAVAILABLE
+and are retried on another replica); the counter counts a call when it completes, so the second part
+includes one call's duration (recorded as the median Search time).
 
 milvus-lite 3.x is a Python re-implementation of the Milvus API, not the Milvus server, and every process
 here shares one machine: the call rates say nothing about Milvus's or twostage's speed.
@@ -176,13 +178,13 @@ def search_ok_count(metrics_text: str) -> float:
 @dataclass
 class Load:
     """`clients` threads calling Search in a loop through one shared client until stopped; every outcome is
-    kept as (monotonic end time, status name)."""
+    kept as (monotonic end time, status name, seconds the call took)."""
 
     client: Client
     queries: list[str]
     clients: int
     search_options: dict[str, int | bool] = field(default_factory=dict)
-    outcomes: list[tuple[float, str]] = field(default_factory=list)
+    outcomes: list[tuple[float, str, float]] = field(default_factory=list)
     failures: list[str] = field(default_factory=list)
 
     def __post_init__(self) -> None:
@@ -194,12 +196,15 @@ class Load:
         while not self._stop.is_set():
             query = self.queries[n % len(self.queries)]
             n += 1
+            started = time.monotonic()
             try:
                 self.client.search(query, **self.search_options)
-                self.outcomes.append((time.monotonic(), "OK"))
+                code = "OK"
             except TwoStageError as err:
-                self.outcomes.append((time.monotonic(), err.code.name))
-                self.failures.append(f"{err.code.name}: {err}")
+                code = err.code.name
+                self.failures.append(f"{code}: {err}")
+            ended = time.monotonic()
+            self.outcomes.append((ended, code, ended - started))
 
     def start(self) -> None:
         for t in self._threads:
@@ -211,7 +216,12 @@ class Load:
             t.join(timeout)
 
     def counts(self, since: float = 0.0, until: float = float("inf")) -> Counter[str]:
-        return Counter(code for t, code in list(self.outcomes) if since <= t < until)
+        return Counter(code for t, code, _ in list(self.outcomes) if since <= t < until)
+
+    def median_seconds(self) -> float:
+        """Median duration of the calls that succeeded."""
+        durations = sorted(d for _, code, d in self.outcomes if code == "OK")
+        return durations[len(durations) // 2] if durations else 0.0
 
 
 # ------------------------------------------------------------------------------------------- scenario
@@ -235,6 +245,7 @@ class ScenarioResult:
     restart_to_first_call_s: float
     total_client_ok: int
     total_served_ok: float
+    call_p50_s: float                        # median duration of a successful Search, retries included
     seconds: dict[str, float] = field(default_factory=dict)
 
 
@@ -332,7 +343,8 @@ def run_scenario(models: Path, work: Path, *, replicas: int = 3, clients: int = 
     return ScenarioResult(replicas=[n.name for n in nodes], served=served, client=client_counts,
                           failures=list(load.failures), restart_to_serving_s=t_serving - t_restart,
                           serving_to_first_call_s=t_first - t_serving, restart_to_first_call_s=t_first - t_restart,
-                          total_client_ok=load.counts()["OK"], total_served_ok=total_served, seconds=seconds)
+                          total_client_ok=load.counts()["OK"], total_served_ok=total_served,
+                          call_p50_s=load.median_seconds(), seconds=seconds)
 
 
 # ------------------------------------------------------------------------------------------- main
@@ -383,7 +395,8 @@ def main(argv: list[str] | None = None) -> int:
                              sum(n for code, n in result.client[phase].items() if code != "OK")]
                             for phase, served in result.served.items()]))
         print(f"  failed calls: {dict(failures) or 0}; restart -> SERVING {result.restart_to_serving_s:.1f} s, "
-              f"SERVING -> first Search {result.serving_to_first_call_s:.2f} s", flush=True)
+              f"SERVING -> first Search {result.serving_to_first_call_s:.2f} s (a Search takes "
+              f"{result.call_p50_s:.2f} s, median)", flush=True)
     payload = {"config": {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()},
                "threads": resolve_threads(args.threads),
                "versions": package_versions(["grpcio", "pymilvus", "milvus-lite"]), "runs": runs,
