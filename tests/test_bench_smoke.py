@@ -298,6 +298,10 @@ def test_milvus_parity_bench(tiny):
     # 40 documents, both searched exhaustively: the same candidates, so the same rankings
     assert data["agreement"]["dense"]["top100_overlap_min"] == 1.0
     assert data["largest_ndcg10_difference"] == pytest.approx(0.0) and data["within_0_005"]
+    # the embedded backend's reranked order, computed from the scores, is what its own reranked Search returns
+    run = data["facts"]["queries_run"]
+    assert run["checked_queries"] == 5 and run["checked_queries_differing"] == 0
+    assert run["stage1_differs_from_skip_rerank"] == 0
 
 
 def test_replicas_bench(tiny):
