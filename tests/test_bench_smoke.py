@@ -315,3 +315,30 @@ def test_budget_bench(tiny):
     flood = first["flood"]
     assert sum(flood["codes"].values()) == 8 and flood["alone_pairs_per_s"] > 0
     assert set(data["targets"]) == {"one_client", "concurrent", "head_of_line", "flood"}
+
+
+def test_milvus_parity_bench(tiny):
+    pytest.importorskip("milvus_lite")
+    data = run_bench("milvus_parity", tiny)
+    assert data["facts"]["documents"] == 40 and data["facts"]["queries"] == 5
+    assert data["facts"]["build"]["embedded"]["documents"] == data["facts"]["build"]["milvus"]["documents"] == 40
+    for backend in ("embedded", "milvus"):
+        for mode in ("dense", "dense + rerank"):
+            r = data["quality"][backend][mode]
+            assert between(r["ndcg@10"]) and r["recall@100"] == pytest.approx(1.0) and r["queries"] == 5
+    # 40 documents, both searched exhaustively: the same candidates, so the same rankings
+    assert data["agreement"]["dense"]["top100_overlap_min"] == 1.0
+    assert data["largest_ndcg10_difference"] == pytest.approx(0.0) and data["within_0_005"]
+    # the embedded backend's reranked order, computed from the scores, is what its own reranked Search returns
+    run = data["facts"]["queries_run"]
+    assert run["checked_queries"] == 5 and run["checked_queries_differing"] == 0
+    assert run["stage1_differs_from_skip_rerank"] == 0
+
+
+def test_replicas_bench(tiny):
+    pytest.importorskip("milvus_lite")
+    data = run_bench("replicas", tiny, "--clients", "4")
+    (run,) = data["runs"]
+    assert run["down_s"] == 2.0 and run["failures"] == []
+    assert run["served"]["down"]["replica-0"] == 0 and run["served"]["rejoin"]["replica-0"] > 0
+    assert run["total_served_ok"] > 0 and run["restart_to_first_call_s"] >= run["restart_to_serving_s"] > 0
