@@ -418,6 +418,10 @@ class MilvusIndex:
                                      f"(and milvus-lite for a local .db)") from None
 
         logging.getLogger("pymilvus").setLevel(logging.CRITICAL)  # it logs a traceback per failed call
+        # pymilvus imports scipy.sparse lazily on first use, which is not thread-safe: concurrent first Searches
+        # failed with "partially initialized module" (docs/benchmarks.md, section 7). Import it here, once.
+        with contextlib.suppress(ImportError):
+            import scipy.sparse  # noqa: F401
         uri = self.settings.uri
         if not _is_local(uri):
             return MilvusClient(uri=uri, token=self.settings.token, timeout=self.settings.timeout_s)
