@@ -261,7 +261,7 @@ def add_search_arguments(parser: argparse.ArgumentParser) -> None:
                         help="latency budget for the whole request in ms: reranking is cut short rather than late "
                              "(default: 0 = the server's default)")
     parser.add_argument("--rerank-budget-ms", type=_non_negative, default=0,
-                        help="deprecated alias of --latency-budget-ms")
+                        help="deprecated alias of --latency-budget-ms (default: 0 = unset)")
     parser.add_argument("--raw-scores", action="store_true",
                         help="raw cross-encoder logits instead of normalized scores (default: normalized)")
     parser.add_argument("--max-query-tokens", type=_non_negative, default=0,
