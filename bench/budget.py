@@ -19,6 +19,10 @@ time and includes the client's own work. Sections:
   requests that got at least one pair reranked.
 - **head_of_line** (first dataset): a stage-1-only Search and a 50 ms-budget Search, each measured idle and while
   a Rerank of `--big-rerank` passages (corpus texts) runs; p99 against the idle p99 and against the budget.
+- **unbudgeted** (first dataset): the throughput of unbudgeted Rerank calls of 100 passages from two clients, on
+  servers with the defaults against servers with the changes of this feature that touch unbudgeted work turned
+  off (`free_worker_within_ms` 0, no cost warm-up), in alternating blocks (`--unbudgeted-rounds`), one server at
+  a time: the pairs/s ratio.
 - **flood** (first dataset): `--flood-calls` unbudgeted Rerank calls of 100 passages with `--flood-deadline-s`
   deadlines from `--flood-threads` threads: how many were refused (RESOURCE_EXHAUSTED), how fast (p99), how many
   failed otherwise, and the pairs/s of the accepted ones against a run of the accepted count alone.
@@ -44,6 +48,7 @@ from bench.common import (Dataset, ServerProcess, base_parser, document_text, fi
 from bench.ir_metrics import ndcg_at_k
 from bench.prepare import corpus_index
 
+SECTIONS = ("sweep", "concurrent", "head_of_line", "flood", "unbudgeted")
 STAGE_ONE = "stage 1 only"
 FULL = "full rerank"
 TARGETS = {
@@ -51,6 +56,7 @@ TARGETS = {
     "concurrent": "16 clients at 100 ms: p99 <= 1.2 x budget, no request failed",
     "head_of_line": "during a Rerank of 1,000 passages: stage-1-only Search p99 <= 2 x its idle p99; "
                     "50 ms-budget Search p99 <= 1.2 x budget",
+    "unbudgeted": "unbudgeted behaviour and throughput unchanged (ratio >= 0.97)",
     "flood": "256 Rerank calls of 100 passages, 3 s deadlines, 64 threads: refusals within 50 ms (p99), "
              "throughput on the accepted ones not lower",
 }
@@ -283,6 +289,37 @@ def flood(server: ServerProcess, ds: Dataset, qids: list[str], args: argparse.Na
     return out
 
 
+# -------------------------------------------------------------------------------------- unbudgeted
+def unbudgeted(args: argparse.Namespace, ds: Dataset, qids: list[str], index: Path, threads: int) -> dict[str, Any]:
+    """Pairs/s of unbudgeted Rerank calls (2 clients x `--unbudgeted-requests` calls of 100 passages) on servers
+    with the defaults and with the free-worker bound and warm-up off, in alternating blocks."""
+    from twostage.v1 import twostage_pb2 as pb
+
+    ids = list(ds.corpus)
+    requests = [pb.RerankRequest(query=ds.queries[qids[k % len(qids)]],
+                                 texts=[document_text(*ds.corpus[ids[(k * 100 + j) % len(ids)]]) for j in range(100)])
+                for k in range(args.unbudgeted_requests)]
+    variants = {"defaults": {}, "bound and warm-up off": {"free_worker_within_ms": 0.0, "warm_up_batches": 0}}
+    rates: dict[str, list[float]] = {name: [] for name in variants}
+    for _ in range(args.unbudgeted_rounds):
+        for name, knobs in variants.items():
+            with ServerProcess(args.models, index, **server_threads(threads), retrieval_mode=args.mode_name,
+                               **knobs) as server:
+                stubs = [server.stub(), server.stub()]
+                stubs[0].Rerank(requests[0], timeout=600)        # the first call pays lazy initialization
+                t0 = time.perf_counter()
+                with ThreadPoolExecutor(max_workers=2) as pool:
+                    list(pool.map(lambda k: stubs[k % 2].Rerank(requests[k], timeout=600), range(len(requests))))
+                rates[name].append(len(requests) * 100 / (time.perf_counter() - t0))
+    out: dict[str, Any] = {"requests_per_block": len(requests), "rounds": args.unbudgeted_rounds,
+                           "pairs_per_s": rates}
+    ratios = [a / b for a, b in zip(rates["defaults"], rates["bound and warm-up off"])]
+    out["ratio_per_round"] = ratios
+    out["ratio_median"] = sorted(ratios)[len(ratios) // 2] if ratios else None
+    out["meets_target"] = bool(ratios) and out["ratio_median"] >= 0.97
+    return out
+
+
 # ------------------------------------------------------------------------------------------- driver
 def run_dataset(args: argparse.Namespace, name: str, threads: int, first: bool) -> dict[str, Any]:
     from twostage.v1 import twostage_pb2 as pb
@@ -304,12 +341,17 @@ def run_dataset(args: argparse.Namespace, name: str, threads: int, first: bool) 
             for qid in qids[:3]:                                 # warm the caches and the cost estimate
                 search_once(stub, pb, ds.queries[qid], candidates=args.candidates, mode=mode)
             t0 = time.perf_counter()
-            result["sweep"] = sweep(stub, pb, ds, qids, args)
-            result["concurrent"] = concurrent(server.target, ds, qids, args)
-            if first:
+            if "sweep" in args.sections:
+                result["sweep"] = sweep(stub, pb, ds, qids, args)
+            if "concurrent" in args.sections:
+                result["concurrent"] = concurrent(server.target, ds, qids, args)
+            if first and "head_of_line" in args.sections:
                 result["head_of_line"] = head_of_line(server, ds, qids, args)
+            if first and "flood" in args.sections:
                 result["flood"] = flood(server, ds, qids, args)
             result["measure_s"] = time.perf_counter() - t0
+        if first and "unbudgeted" in args.sections:
+            result["unbudgeted"] = unbudgeted(args, ds, qids, work / "index", threads)
     finally:
         shutil.rmtree(work, ignore_errors=True)
     return result
@@ -318,18 +360,19 @@ def run_dataset(args: argparse.Namespace, name: str, threads: int, first: bool) 
 def print_dataset(res: dict[str, Any]) -> None:
     print(f"\n== {res['dataset']}: {res['queries']} judged queries, {res['documents']:,} documents")
     rows = []
-    for setting, r in res["sweep"].items():
+    for setting, r in res.get("sweep", {}).items():
         lat, pairs = r["latency_ms"], r["pairs_reranked"]
         rows.append([setting, lat.get("p50"), lat.get("p99"), pairs.get("mean"), r["budget_limited_share"],
                      r["ndcg@10"], sum(r["failures"].values()),
                      {True: "yes", False: "NO"}.get(r.get("meets_target"), "")])
     print(format_table(["setting (1 client)", "p50 ms", "p99 ms", "pairs reranked", "budget-limited",
                         "nDCG@10", "failed", "target"], rows))
-    c = res["concurrent"]
-    print(f"  {c['clients']} clients at {c['budget_ms']} ms: p50 {c['latency_ms'].get('p50', 0):.0f} ms, p99 "
-          f"{c['latency_ms'].get('p99', 0):.0f} ms, failed {sum(c['failures'].values())}, with >= 1 pair reranked "
-          f"{(c['share_with_a_pair_reranked'] or 0):.0%}, pairs reranked mean "
-          f"{c['pairs_reranked'].get('mean', 0):.1f} (target {'met' if c['meets_target'] else 'MISSED'})")
+    c = res.get("concurrent")
+    if c:
+        print(f"  {c['clients']} clients at {c['budget_ms']} ms: p50 {c['latency_ms'].get('p50', 0):.0f} ms, p99 "
+              f"{c['latency_ms'].get('p99', 0):.0f} ms, failed {sum(c['failures'].values())}, with >= 1 pair reranked "
+              f"{(c['share_with_a_pair_reranked'] or 0):.0%}, pairs reranked mean "
+              f"{c['pairs_reranked'].get('mean', 0):.1f} (target {'met' if c['meets_target'] else 'MISSED'})")
     if "head_of_line" in res:
         h = res["head_of_line"]
         for kind in ("stage 1 only", "budget 50 ms"):
@@ -339,6 +382,10 @@ def print_dataset(res: dict[str, Any]) -> None:
                   f"{k['during_rerank_ms'].get('p50', 0):.1f} / p99 {k['during_rerank_ms'].get('p99', 0):.1f} ms "
                   f"(n={k['during_rerank_ms'].get('n', 0)})")
         print(f"  head-of-line targets: {h['meets_target']}")
+    if "unbudgeted" in res:
+        u = res["unbudgeted"]
+        print(f"  unbudgeted Rerank throughput, defaults vs bound and warm-up off: {u['pairs_per_s']}; ratio "
+              f"{u['ratio_median']:.3f} (target {'met' if u['meets_target'] else 'MISSED'})")
     if "flood" in res:
         f = res["flood"]
         refused = f["latency_ms_by_code"].get("RESOURCE_EXHAUSTED", {})
@@ -371,6 +418,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--flood-calls", type=int, default=None, help="Rerank calls in the flood (default 256; quick 8)")
     p.add_argument("--flood-threads", type=int, default=None, help="threads sending them (default 64; quick 4)")
     p.add_argument("--flood-deadline-s", type=float, default=3.0, help="their gRPC deadline")
+    p.add_argument("--unbudgeted-rounds", type=int, default=None, help="alternating blocks per variant in the "
+                                                                       "unbudgeted section (default 2; quick 1)")
+    p.add_argument("--unbudgeted-requests", type=int, default=None, help="Rerank calls per block (default 12; "
+                                                                         "quick 2)")
+    p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated sections to run")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="print progress")
     args = finish_common_args(p.parse_args(argv))
 
@@ -385,7 +437,13 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     args.hol_samples = pick(args.hol_samples, 100, 4)
     args.flood_calls = pick(args.flood_calls, 256, 8)
     args.flood_threads = pick(args.flood_threads, 64, 4)
+    args.unbudgeted_rounds = pick(args.unbudgeted_rounds, 2, 1)
+    args.unbudgeted_requests = pick(args.unbudgeted_requests, 12, 2)
     args.datasets = args.datasets.split(",")
+    args.sections = args.sections.split(",")
+    unknown = set(args.sections) - set(SECTIONS)
+    if unknown:
+        p.error(f"--sections: unknown {sorted(unknown)}; choose from {', '.join(SECTIONS)}")
     return args
 
 

@@ -29,7 +29,7 @@ import asyncio
 import functools
 import time
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Callable, Sequence, TypeVar
 
 import numpy as np
 
@@ -70,6 +70,21 @@ def token_floor(texts_bytes: int, specials: int, max_length: int) -> int:
 
 def utf8_size(text: str) -> int:
     return len(text.encode("utf-8", errors="surrogatepass"))
+
+
+# Tokenizing this many bytes of text or fewer (a query, a few passages: about a millisecond) runs on the event loop:
+# the hop to a thread and back costs more, and under load it waits behind other requests' work. More is tokenized
+# on a thread so that the event loop keeps serving meanwhile.
+INLINE_TOKENIZE_BYTES = 4096
+
+R = TypeVar("R")
+
+
+async def tokenize(text_bytes: int, work: Callable[[], R]) -> R:
+    """Run `work` (tokenizing `text_bytes` bytes of text) inline when small, else on a thread."""
+    if text_bytes <= INLINE_TOKENIZE_BYTES:
+        return work()
+    return await asyncio.to_thread(work)
 
 
 def refuse_if_late(batcher: Batcher, lengths: Sequence[int], deadline: float | None, what: str) -> None:
@@ -255,8 +270,8 @@ class EmbeddingRole(_Role):
                                             field)
         t0 = time.perf_counter()
         try:
-            encoded = await asyncio.to_thread(self.model.encode, texts, max_tokens=max_tokens, truncate=truncate,
-                                              field=field)
+            encoded = await tokenize(sum(map(utf8_size, texts)), functools.partial(
+                self.model.encode, texts, max_tokens=max_tokens, truncate=truncate, field=field))
             if admitted is not None:
                 self.admission.confirm(admitted, [len(e) for e in encoded], deadline, field)
         finally:
@@ -298,6 +313,7 @@ class RerankRole(_Role):
                                    max_doc_tokens=max_doc_tokens, truncate=truncate, chunk_long=chunk_long,
                                    chunk_overlap=chunk_overlap)
         t0 = time.perf_counter()
+        q_bytes = utf8_size(query)
         if budgeted:
             if deadline is None:
                 raise ValueError("a budgeted score needs a deadline")
@@ -307,7 +323,8 @@ class RerankRole(_Role):
             tokenized = 0
             while True:
                 upto = len(docs) if not truncate else min(len(docs), max(FIRST_SLICE, 2 * tokenized))
-                more, more_owner = await asyncio.to_thread(encode, docs[tokenized:upto])
+                more, more_owner = await tokenize(q_bytes + sum(map(utf8_size, docs[tokenized:upto])),
+                                                  functools.partial(encode, docs[tokenized:upto]))
                 pairs += more
                 owner += [tokenized + o for o in more_owner]
                 tokenized = upto
@@ -318,11 +335,11 @@ class RerankRole(_Role):
         else:
             admitted = None
             if deadline is not None:
-                q_bytes, specials = utf8_size(query), self.model.tokenizer.pair_specials
+                specials = self.model.tokenizer.pair_specials
                 floors = [token_floor(q_bytes + utf8_size(d), specials, self.max_length) for d in docs]
                 admitted = self.admission.admit(floors, deadline, "rerank")
             try:
-                pairs, owner = await asyncio.to_thread(encode, docs)
+                pairs, owner = await tokenize(q_bytes + sum(map(utf8_size, docs)), functools.partial(encode, docs))
                 if admitted is not None:
                     self.admission.confirm(admitted, [len(p) for p in pairs], deadline, "rerank")
             finally:

@@ -314,7 +314,9 @@ def test_budget_bench(tiny):
     assert "head_of_line" not in second and "flood" not in second
     flood = first["flood"]
     assert sum(flood["codes"].values()) == 8 and flood["alone_pairs_per_s"] > 0
-    assert set(data["targets"]) == {"one_client", "concurrent", "head_of_line", "flood"}
+    unbudgeted = first["unbudgeted"]
+    assert set(unbudgeted["pairs_per_s"]) == {"defaults", "bound and warm-up off"} and unbudgeted["ratio_median"] > 0
+    assert set(data["targets"]) == {"one_client", "concurrent", "head_of_line", "flood", "unbudgeted"}
 
 
 def test_milvus_parity_bench(tiny):
