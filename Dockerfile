@@ -54,11 +54,10 @@ RUN twostage export --out /models --offline-defaults --target "${EXPORT_TARGET}"
 # ------------------------------------------------------------------------------------ runtime-nomodels
 FROM base AS runtime-nomodels
 # The serving install plus the Milvus client (a small pure-Python package; no torch), so one image serves either
-# backend: the embedded index (--index) or a Milvus collection (--milvus-uri). twostage is the wheel built above
-# and the extra pins pymilvus exactly, so DL3013 (pin versions) has nothing left to pin.
-# hadolint ignore=DL3013
+# backend: the embedded index (--index) or a Milvus collection (--milvus-uri). The version pin (pyproject.toml's)
+# makes pip take the wheel built above: an unrelated "twostage" project exists on PyPI with higher versions.
 RUN --mount=type=bind,from=source,source=/wheels,target=/wheels \
-    pip install --no-cache-dir --find-links /wheels "twostage[milvus]"
+    pip install --no-cache-dir --find-links /wheels "twostage[milvus]==0.1.0"
 RUN useradd --system --uid 10001 --user-group --no-create-home --home-dir /data twostage \
  && mkdir -p /models /data/index \
  && chown -R 10001:10001 /data

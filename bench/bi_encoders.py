@@ -143,9 +143,9 @@ def main(argv: list[str] | None = None) -> int:
     contenders = []
     for contender in loaded:
         contenders.append(contender)
-        if contender.model.model_dir.query_prefix:
+        if contender.model.manifest.get("query_prefix"):
             contenders.append(Contender(f"{contender.label}+prefix", contender.model,
-                                        contender.model.model_dir.query_prefix))
+                                        contender.model.manifest.get("query_prefix")))
     latencies = query_latency(contenders, queries)
     runs = []
     for contender in loaded:
@@ -154,9 +154,9 @@ def main(argv: list[str] | None = None) -> int:
             runs.append((contender, ISSUE_TRUNCATION))
     throughput = document_throughput(runs, texts)
 
-    models = {c.label: {"name": c.model.name, "path": str(c.model.model_dir.path), "max_length": c.model.max_length,
+    models = {c.label: {"name": c.model.name, "path": str(c.model.spec.model_path.parent), "max_length": c.model.max_length,
                         "pooling": c.model.pooling, "normalize": c.model.normalize,
-                        "query_prefix": c.model.model_dir.query_prefix, "model_sha256": c.model.sha256,
+                        "query_prefix": c.model.manifest.get("query_prefix") or "", "model_sha256": c.model.sha256,
                         "public_ndcg_at_10": PUBLIC_NDCG.get(c.model.name)}
               for c in loaded}
     names = {c.label: c.model.name for c in loaded}

@@ -45,7 +45,7 @@ from typing import Any
 from bench.common import (Dataset, ServerProcess, base_parser, document_text, finish_common_args, format_table,
                           load_dataset, metric_delta, parse_metrics, resolve_threads, save_result, server_threads,
                           summarize)
-from bench.ir_metrics import ndcg_at_k
+from twostage.client.ir_metrics import ndcg_at_k
 from bench.prepare import corpus_index
 
 SECTIONS = ("sweep", "concurrent", "head_of_line", "flood", "unbudgeted")

@@ -39,7 +39,7 @@ import numpy as np
 
 from bench.common import (base_parser, finish_common_args, format_table, load_dataset, read_jsonl, save_result,
                           summarize)
-from bench.ir_metrics import evaluate
+from twostage.client.ir_metrics import evaluate_run as evaluate
 from twostage.server.index import embedded, store
 from twostage.server.index.embedded import DocumentIndex
 from twostage.server.index.layout import STORE_FILE

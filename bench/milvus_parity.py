@@ -43,7 +43,7 @@ import numpy as np
 
 from bench.common import (ServerProcess, base_parser, finish_common_args, format_table, load_dataset, package_versions,
                           resolve_threads, save_result, server_threads)
-from bench.ir_metrics import evaluate
+from twostage.client.ir_metrics import evaluate_run as evaluate
 from bench.prepare import bi_encoder_fingerprint
 
 DEPTH = 100

@@ -275,7 +275,7 @@ def embed_latencies(models: Path, texts: list[str], threads: int) -> list[float]
 
 
 def scifact_section(args: argparse.Namespace, threads: int, latency_queries: int) -> dict[str, Any]:
-    """SciFact served by a real server: Search RPC (skip_rerank) latency, and ANN recall against exact search."""
+    """SciFact served by a real server: dense Search RPC (skip_rerank) latency, and ANN recall against exact search."""
     from bench.prepare import corpus_index
     from twostage.server.index.embedded import DocumentIndex
     from twostage.server.index.settings import IndexSettings
@@ -291,10 +291,13 @@ def scifact_section(args: argparse.Namespace, threads: int, latency_queries: int
         with ServerProcess(args.models, work / "index", **server_threads(threads)) as server:
             stub = server.stub()
             for q in queries[:2]:
-                stub.Search(pb.SearchRequest(query=q, skip_rerank=True, ids_only=True, top_k=K, candidates=K), timeout=60)
+                stub.Search(pb.SearchRequest(query=q, skip_rerank=True, ids_only=True, top_k=K, candidates=K,
+                                             retrieval_mode=pb.RETRIEVAL_MODE_DENSE), timeout=60)
             for q in queries:
                 resp, ms = timed(lambda: stub.Search(pb.SearchRequest(query=q, skip_rerank=True, ids_only=True,
-                                                                      top_k=K, candidates=K), timeout=60))
+                                                                      top_k=K, candidates=K,
+                                                                      retrieval_mode=pb.RETRIEVAL_MODE_DENSE),
+                                                     timeout=60))
                 lat.append(ms)
                 t = resp.timing
                 timings.append({"total_ms": t.total_ms, "embed_ms": t.embed.tokenize_ms + t.embed.queue_ms +

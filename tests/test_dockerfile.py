@@ -114,7 +114,9 @@ def test_export_stage_exports_with_the_pinned_cpu_torch(stages):
 def test_runtime_is_the_serving_install_only(stages):
     runtime = stages["runtime-nomodels"]
     installs = pip_installs(runtime)
-    assert installs == ['pip install --no-cache-dir --find-links /wheels "twostage[milvus]"']
+    version = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+    # pinned to this project's version: PyPI has an unrelated "twostage" with higher versions
+    assert installs == [f'pip install --no-cache-dir --find-links /wheels "twostage[milvus]=={version}"']
     serving_extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]["milvus"]
     assert not any("torch" in req or "transformers" in req for req in serving_extras)
     assert not any("torch" in i for i in installs)
