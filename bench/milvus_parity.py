@@ -142,8 +142,11 @@ def run_queries(milvus: ServerProcess, embedded: ServerProcess, queries: dict[st
              "checked_queries": 0, "checked_queries_differing": 0}
 
     def search(backend: str, query: str, rerank: bool) -> Any:
+        # dense stage 1 (the comparison is of the ANN candidates; the two backends' BM25 analysers differ) and the
+        # cross-encoder alone, so that the rankings depend on nothing but the candidates
         return stubs[backend].Search(pb.SearchRequest(query=query, top_k=DEPTH, candidates=DEPTH, ids_only=True,
-                                                      skip_rerank=not rerank), timeout=900)
+                                                      skip_rerank=not rerank, retrieval_mode=pb.RETRIEVAL_MODE_DENSE,
+                                                      rerank_weight=1.0), timeout=900)
 
     t0 = time.perf_counter()
     for n, (qid, query) in enumerate(queries.items()):
