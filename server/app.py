@@ -21,21 +21,20 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from twostage.server.auth import ApiKeyInterceptor, DecodeGuardInterceptor
 from twostage.model.model_set import open_model_set
 from twostage.model.onnx_model import OnnxModel
+from twostage.server.auth import ApiKeyInterceptor, DecodeGuardInterceptor
 from twostage.server.config import Config
 from twostage.server.engine import Engine
 from twostage.server.errors import Unavailable
 from twostage.server.index.backend import Snapshotting
 from twostage.server.index.embedded import DocumentIndex
+from twostage.server.index.milvus import MilvusIndex, MilvusSettings, ModelFingerprint
 from twostage.server.index.settings import IndexSettings
 from twostage.server.metrics import Metrics
-from twostage.server.index.milvus import MilvusIndex, MilvusSettings, ModelFingerprint
 from twostage.server.roles import BatchLimits, EmbeddingRole, RerankRole, inference_pool, session_settings
 from twostage.server.service import FUSION, RETRIEVAL_MODE, TwoStageService
-from twostage.v1 import twostage_pb2 as pb
-from twostage.v1 import twostage_pb2_grpc as pb_grpc
+from twostage.v1 import twostage_pb2 as pb, twostage_pb2_grpc as pb_grpc
 
 log = logging.getLogger("twostage.app")
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TwoStage"].full_name
@@ -216,7 +215,7 @@ async def start_server(config: Config) -> RunningServer:
     server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs,
                              interceptors=interceptors)
     health_servicer = health.aio.HealthServicer()
-    service = TwoStageService(info=lambda: build_info(config, service.engine), metrics=metrics)
+    service = TwoStageService(info=lambda engine: build_info(config, engine), metrics=metrics)
     pb_grpc.add_TwoStageServicer_to_server(service, server)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
@@ -328,9 +327,11 @@ async def serve_forever(config: Config) -> int:
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     waiter = asyncio.create_task(stop.wait())
-    done, _ = await asyncio.wait({rs._loading, waiter}, return_when=asyncio.FIRST_COMPLETED)
-    if rs._loading in done and rs._loading.exception() is not None:
-        exc = rs._loading.exception()
+    loading = rs._loading
+    assert loading is not None  # start_server began loading
+    done, _ = await asyncio.wait({loading, waiter}, return_when=asyncio.FIRST_COMPLETED)
+    if loading in done and loading.exception() is not None:
+        exc = loading.exception()
         log.error("startup failed: %s", exc, extra={"error": str(exc)})
         print(f"twostage serve: startup failed: {exc}", file=sys.stderr)
         await rs.stop(grace=0)

@@ -101,16 +101,17 @@ import enum
 import itertools
 import math
 import time
+from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Callable, Protocol, Sequence
+from typing import Protocol
 
 import numpy as np
 
-from twostage.server.cost import CostModel
-from twostage.server.planner import affordable_prefix, batch_fits, finish_in
-from twostage.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from twostage.model.tokenization import Encoded, padded_tokens
+from twostage.server.cost import CostModel
+from twostage.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
+from twostage.server.planner import affordable_prefix, batch_fits, finish_in
 
 
 class Priority(enum.IntEnum):
@@ -160,7 +161,8 @@ class BatchStats:
 class BatchResult:
     outputs: np.ndarray        # one row per submitted item, in submit order (NaN rows where not completed)
     stats: BatchStats
-    completed: np.ndarray | None = None  # bool per item: its row is the model's output; None = every row
+    # bool per item: its row is the model's output; left out = every row
+    completed: np.ndarray = None  # type: ignore[assignment]
 
     def __post_init__(self) -> None:
         if self.completed is None:
@@ -275,6 +277,8 @@ class _Request:
         self.seq = seq
         self.deadline = deadline
         self.budgeted = budgeted
+        # when budgeted work must end (submit guarantees budgeted work a deadline); never for other work
+        self.end = deadline if budgeted and deadline is not None else float("inf")
         self.priority = priority
         self.future = future
         self.submitted = time.monotonic()
@@ -330,7 +334,7 @@ class Batcher:
         self._padding = 1.0                     # recent padded / real tokens per batch (predicting queued work)
         self._waiting_since = 0.0               # when the loop began waiting for a worker
         self._seq = itertools.count()
-        self._wake: asyncio.Event | None = None
+        self._wake = asyncio.Event()
         self._task: asyncio.Task | None = None
         self._closing = False
 
@@ -349,7 +353,7 @@ class Batcher:
             self._wake.set()
             try:
                 await asyncio.wait_for(asyncio.shield(self._task), timeout=max(0.0, drain_timeout))
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 for task in [self._task, *self._running]:
                     task.cancel()
                 await asyncio.gather(self._task, *self._running, return_exceptions=True)
@@ -399,7 +403,7 @@ class Batcher:
         request.tag = self._dispatched_tokens + self._size(tokens, deadline if budgeted else None, now)
         self._enqueue(request)
         if budgeted:
-            request.timer = asyncio.get_running_loop().call_later(deadline - now, self._expire, request)
+            request.timer = asyncio.get_running_loop().call_later(request.end - now, self._expire, request)
         try:
             await future
         except asyncio.CancelledError:
@@ -504,9 +508,9 @@ class Batcher:
         done by `deadline`, behind the work queued ahead and on the workers as they free (`affordable_prefix`)."""
         now = time.monotonic()
         tag = self._dispatched_tokens + self._size(sum(lengths), deadline, now)
-        return affordable_prefix(lengths, time_left_s=deadline - now - PLAN_SLACK_S, cost=self.cost, free_in=self.pool.free_in(now),
-                                 ahead_s=self._work_ahead_s(tag), max_batch_size=self.max_batch_size,
-                                 max_batch_tokens=self.max_batch_tokens)
+        return affordable_prefix(lengths, time_left_s=deadline - now - PLAN_SLACK_S, cost=self.cost,
+                                 free_in=self.pool.free_in(now), ahead_s=self._work_ahead_s(tag),
+                                 max_batch_size=self.max_batch_size, max_batch_tokens=self.max_batch_tokens)
 
     # ------------------------------------------------------------------ batch formation
     def _drop_expired(self, now: float) -> None:
@@ -516,12 +520,12 @@ class Batcher:
             if request.future.done():          # cancelled while we were busy
                 self._remove(request)
             elif request.budgeted:
-                if now >= request.deadline:
+                if now >= request.end:
                     self._expire(request)
                     continue
                 dropped = 0
                 while request.has_pending and \
-                        now + START_LATENCY_S + self.cost.upper(request.peek_length(0)) > request.deadline:
+                        now + START_LATENCY_S + self.cost.upper(request.peek_length(0)) > request.end:
                     length = request.peek_length(0)
                     request.next += 1
                     request.undispatched_tokens -= length
@@ -552,7 +556,7 @@ class Batcher:
         must_end = float("inf")                # earliest deadline of the budgeted items taken
         for request in self._pending:
             count = 0
-            own_end = request.deadline if request.budgeted else float("inf")
+            own_end = request.end
             while request.next + count < len(request.order):
                 length = request.peek_length(count)
                 grown = max(longest, length)
@@ -606,7 +610,7 @@ class Batcher:
         for request in self._pending:
             urgency = self._waiting_since + WAIT_ALLOWANCE_S[request.priority]
             if request.budgeted:
-                urgency = min(urgency, request.deadline)
+                urgency = min(urgency, request.end)
             best = min(best, urgency)
         return best
 
@@ -630,7 +634,7 @@ class Batcher:
             self._wake.clear()
             try:
                 await asyncio.wait_for(self._wake.wait(), timeout=wait)
-            except asyncio.TimeoutError:
+            except TimeoutError:
                 pass
 
     # ------------------------------------------------------------------ execution

@@ -43,7 +43,8 @@ def add_index_build_arguments(parser: argparse.ArgumentParser) -> None:
                           "collection (--milvus-uri URI --collection NAME). The build is atomic: a crash leaves the "
                           "previous index intact.")
     parser.add_argument("--corpus", required=True, type=Path, help="corpus file (.jsonl)")
-    parser.add_argument("--batch-size", type=int, default=256, help="texts handed to the batcher at a time (default: 256)")
+    parser.add_argument("--batch-size", type=int, default=256,
+                        help="texts handed to the batcher at a time (default: 256)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar (default: show it)")
     config_mod.add_arguments(parser, only=INDEX_KNOBS)
 
@@ -79,7 +80,8 @@ class BackgroundEmbedder:
     def embed(self, texts: list[str]) -> np.ndarray:
         from twostage.server.batcher import Priority
 
-        return asyncio.run_coroutine_threadsafe(self.role.embed(texts, priority=Priority.BULK), self._loop).result().vectors
+        work = self.role.embed(texts, priority=Priority.BULK)
+        return asyncio.run_coroutine_threadsafe(work, self._loop).result().vectors
 
     def close(self) -> None:
         asyncio.run_coroutine_threadsafe(self.role.stop(drain_timeout=1.0), self._loop).result()

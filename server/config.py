@@ -14,6 +14,7 @@ import dataclasses
 import json
 import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
@@ -108,8 +109,8 @@ class Config:
 
     # ------------------------------------------------------------------ loading
     @classmethod
-    def from_sources(cls, args: argparse.Namespace | None = None, env: dict[str, str] | None = None,
-                     config_file: str | None = None) -> "Config":
+    def from_sources(cls, args: argparse.Namespace | None = None, env: Mapping[str, str] | None = None,
+                     config_file: str | None = None) -> Config:
         """Defaults <- file <- environment <- flags (only flags the user actually gave)."""
         env = os.environ if env is None else env
         values: dict[str, Any] = {}
@@ -220,9 +221,15 @@ def _read_file(path: Path) -> dict[str, Any]:
     return flat
 
 
+def default_of(f: dataclasses.Field[Any]) -> Any:
+    """A knob's default value (a fresh list for list knobs)."""
+    if f.default_factory is not dataclasses.MISSING:
+        return f.default_factory()
+    return f.default
+
+
 def _coerce(cls, name: str, raw: Any) -> Any:
-    f = next(f for f in fields(cls) if f.name == name)
-    default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+    default = default_of(next(f for f in fields(cls) if f.name == name))
     try:
         if isinstance(default, bool):
             if isinstance(raw, str):
@@ -248,7 +255,7 @@ def add_arguments(parser: argparse.ArgumentParser, only: tuple[str, ...] | None 
     for f in fields(Config):
         if (only is not None and f.name not in only) or not f.metadata["flag"]:
             continue
-        default = f.default if f.default is not dataclasses.MISSING else f.default_factory()
+        default = default_of(f)
         flag = "--" + f.name.replace("_", "-")
         env = ENV_PREFIX + f.name.upper()
         help_text = f"{f.metadata['help']} (default: {default!r}; env {env})"

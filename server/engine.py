@@ -21,19 +21,19 @@ import asyncio
 import json
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Any
 
 import numpy as np
 
+from twostage.model.reranker import DocumentScores
 from twostage.server import fusion
 from twostage.server.batcher import BatchStats, InferencePool, Priority
 from twostage.server.config import Config
 from twostage.server.errors import FailedPrecondition, InvalidArgument, NotFound
 from twostage.server.index.backend import Candidates, IndexBackend, StoredDoc, embedding_text
-from twostage.model.reranker import DocumentScores
 from twostage.server.roles import EmbeddingRole, RerankRole
-
 
 RETRIEVAL_MODES = ("dense", "lexical", "hybrid")
 
@@ -68,7 +68,7 @@ class Timing:
     store_ms: float = 0.0
     total_ms: float = 0.0
 
-    def finish(self) -> "Timing":
+    def finish(self) -> Timing:
         self.total_ms = (time.perf_counter() - self.started) * 1000.0
         return self
 
@@ -309,7 +309,8 @@ class Engine:
         check_text("query", query, self.config.max_query_bytes)
         for name, v in (("max_query_tokens", max_query_tokens), ("max_document_tokens", max_doc_tokens)):
             if v < 0 or v > self.reranker.max_length:
-                raise InvalidArgument(name, f"is {v}; must be between 1 and {self.reranker.max_length} (0 = model limit)")
+                raise InvalidArgument(
+                    name, f"is {v}; must be between 1 and {self.reranker.max_length} (0 = model limit)")
 
     async def rerank(self, query: str, *, texts: Sequence[str] = (), document_ids: Sequence[str] = (),
                      top_n: int = 0, return_documents: bool = False, raw: bool = False, truncate: bool = True,
@@ -351,7 +352,8 @@ class Engine:
             missing = [d for d in document_ids if d not in stored]
             if missing:
                 shown = ", ".join(repr(m) for m in missing[:10])
-                raise NotFound(f"document_ids: {len(missing)} unknown id(s): {shown}" + (" …" if len(missing) > 10 else ""))
+                more = " …" if len(missing) > 10 else ""
+                raise NotFound(f"document_ids: {len(missing)} unknown id(s): {shown}{more}")
             ids = list(document_ids)
             docs = [embedding_text(stored[d].title, stored[d].text) for d in ids]
         d, completed = await self._score_pairs(
@@ -408,7 +410,8 @@ class Engine:
         check_range("candidates", candidates, cfg.max_candidates)
         check_filter(filter, cfg.max_filter_keys)
         if expansion_search < 0 or expansion_search > 4096:
-            raise InvalidArgument("expansion_search", f"is {expansion_search}; must be between 1 and 4096 (0 = default)")
+            raise InvalidArgument("expansion_search",
+                                  f"is {expansion_search}; must be between 1 and 4096 (0 = default)")
         mode = retrieval_mode or cfg.retrieval_mode
         if mode not in RETRIEVAL_MODES:
             raise InvalidArgument("retrieval_mode", f"is {mode!r}; must be one of {', '.join(RETRIEVAL_MODES)}")
@@ -520,7 +523,7 @@ class Engine:
         d, completed = await self._score_pairs(query, texts, timing, deadline, max_query_tokens=max_query_tokens,
                                                max_doc_tokens=max_doc_tokens, truncate=True, chunk_long=False,
                                                chunk_overlap=0)
-        for h, r, n, ok in zip(hits, d.raw, d.normalized, completed):
+        for h, r, n, ok in zip(hits, d.raw, d.normalized, completed, strict=True):
             if ok:
                 h.rerank_score = float(r if raw else n)
                 h.rerank_normalized = float(n)
@@ -543,11 +546,13 @@ class Engine:
             check_text(f"documents[{i}].text", d.text, cfg.max_text_bytes)
             check_text(f"documents[{i}].title", d.title, cfg.max_text_bytes, allow_empty=True)
             if d.embedding and len(d.embedding) != dim:
-                raise InvalidArgument(f"documents[{i}].embedding", f"has {len(d.embedding)} values; the index dimension is {dim}")
+                raise InvalidArgument(f"documents[{i}].embedding",
+                                      f"has {len(d.embedding)} values; the index dimension is {dim}")
             if d.embedding and not all(math.isfinite(x) for x in d.embedding):
                 raise InvalidArgument(f"documents[{i}].embedding", "contains NaN or infinite values")
             if d.embedding and cfg.index_metric == "cos" and not any(d.embedding):
-                raise InvalidArgument(f"documents[{i}].embedding", "is all zeros, which has no direction under the cos metric")
+                raise InvalidArgument(f"documents[{i}].embedding",
+                                      "is all zeros, which has no direction under the cos metric")
             try:
                 meta_json = json.dumps(d.metadata, separators=(",", ":"), ensure_ascii=False, allow_nan=False)
             except (TypeError, ValueError) as exc:

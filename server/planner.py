@@ -16,8 +16,8 @@ still checks each batch against the deadline with its full margin before startin
 from __future__ import annotations
 
 import math
-
-from typing import Protocol, Sequence
+from collections.abc import Sequence
+from typing import Protocol
 
 
 class BatchCost(Protocol):
@@ -94,7 +94,7 @@ def finish_in(lengths: Sequence[int], *, cost: BatchCost, free_in: Sequence[floa
         ends[first] += expected
         if safe:
             margins[first] += (cost.upper(padded) - expected) ** 2
-    return max(end + math.sqrt(margin) for end, margin in zip(ends, margins))
+    return max(end + math.sqrt(margin) for end, margin in zip(ends, margins, strict=True))
 
 
 def affordable_prefix(lengths: Sequence[int], *, time_left_s: float, cost: BatchCost, free_in: Sequence[float],

@@ -12,11 +12,11 @@ queueing until the deadline passes; admitted, it fails with DeadlineExceeded if 
 time. The check runs twice (`Admission`): before tokenizing, on a floor of each text's tokens read from its size
 (`token_floor`), so that a flood of doomed requests is refused without tokenizing any of it; then on the real
 token counts. Work admitted and still being tokenized counts ahead of later arrivals, so that a burst arriving
-at an empty queue is not admitted whole. Budgeted work (``budgeted=True``) degrades instead: `RerankRole.score` plans how many documents, in
-the caller's order, can be scored by the deadline (`Batcher.plan_prefix`, whole documents), submits them at once
-so every worker shares them, and says which were scored (`Scored.completed`). It tokenizes only what may fit:
-a first slice of the documents, then twice as many while all of them fit (tokenizing 100 candidates costs about
-as much CPU as scoring a few pairs, which a tight budget cannot spare).
+at an empty queue is not admitted whole. Budgeted work (``budgeted=True``) degrades instead: `RerankRole.score`
+plans how many documents, in the caller's order, can be scored by the deadline (`Batcher.plan_prefix`, whole
+documents), submits them at once so every worker shares them, and says which were scored (`Scored.completed`).
+It tokenizes only what may fit: a first slice of the documents, then twice as many while all of them fit
+(tokenizing 100 candidates costs about as much CPU as scoring a few pairs, which a tight budget cannot spare).
 
 `warm_up` runs batches of assorted sizes on the pool's workers at startup and feeds their durations to the batcher's
 cost model (server/cost.py), so that it has measured the model's fixed and per-token batch cost apart before the
@@ -28,17 +28,17 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Callable, Sequence, TypeVar
+from typing import Generic, TypeVar
 
 import numpy as np
 
 from twostage.model.embedder import Embedder
-from twostage.model.reranker import DocumentScores, Reranker, best_chunks
+from twostage.model.reranker import DocumentScores, PairScores, Reranker, best_chunks
 from twostage.model.session import SessionSettings, thread_layout
-from twostage.model.reranker import PairScores
 from twostage.model.tokenization import Encoded, padded_tokens
-from twostage.server.batcher import BatchMetrics, Batcher, BatchResult, BatchStats, InferencePool, Priority
+from twostage.server.batcher import Batcher, BatchMetrics, BatchResult, BatchStats, InferencePool, Priority
 from twostage.server.config import Config
 from twostage.server.errors import ResourceExhausted
 
@@ -78,6 +78,7 @@ def utf8_size(text: str) -> int:
 INLINE_TOKENIZE_BYTES = 4096
 
 R = TypeVar("R")
+M = TypeVar("M", Embedder, Reranker)
 
 
 async def tokenize(text_bytes: int, work: Callable[[], R]) -> R:
@@ -149,7 +150,7 @@ class BatchLimits:
     enabled: bool = True
 
     @classmethod
-    def from_config(cls, config: Config, prefix: str) -> "BatchLimits":
+    def from_config(cls, config: Config, prefix: str) -> BatchLimits:
         """`prefix` "embed" or "rerank"; `enabled` is the config's `batching`."""
         return cls(max_batch_tokens=getattr(config, f"{prefix}_max_batch_tokens"),
                    max_batch_size=getattr(config, f"{prefix}_max_batch_size"),
@@ -192,10 +193,10 @@ WARM_UP_MAX_TOKENS = 2048
 WARM_UP_TEXT = " ".join(["warm up text about rivers, stones and the quiet evening light"] * 40)
 
 
-class _Role:
+class _Role(Generic[M]):
     """What both roles share: the model's token limit and start/stop of the batcher."""
 
-    model: Embedder | Reranker
+    model: M
     batcher: Batcher
     admission: Admission
 
@@ -244,7 +245,7 @@ class _Role:
         await asyncio.gather(*(stream(i) for i in range(b.pool.workers)))
 
 
-class EmbeddingRole(_Role):
+class EmbeddingRole(_Role[Embedder]):
     """The served bi-encoder: texts -> vectors through its batcher."""
 
     def __init__(self, model: Embedder, pool: InferencePool, limits: BatchLimits,
@@ -272,7 +273,7 @@ class EmbeddingRole(_Role):
         try:
             encoded = await tokenize(sum(map(utf8_size, texts)), functools.partial(
                 self.model.encode, texts, max_tokens=max_tokens, truncate=truncate, field=field))
-            if admitted is not None:
+            if admitted is not None and deadline is not None:
                 self.admission.confirm(admitted, [len(e) for e in encoded], deadline, field)
         finally:
             if admitted is not None:
@@ -285,7 +286,7 @@ class EmbeddingRole(_Role):
         return Embedded(vectors, tokenize_ms, result.stats, result.completed)
 
 
-class RerankRole(_Role):
+class RerankRole(_Role[Reranker]):
     """The served cross-encoder: a query and documents -> one raw and one normalized score per document."""
 
     def __init__(self, model: Reranker, pool: InferencePool, limits: BatchLimits,
@@ -340,7 +341,7 @@ class RerankRole(_Role):
                 admitted = self.admission.admit(floors, deadline, "rerank")
             try:
                 pairs, owner = await tokenize(q_bytes + sum(map(utf8_size, docs)), functools.partial(encode, docs))
-                if admitted is not None:
+                if admitted is not None and deadline is not None:
                     self.admission.confirm(admitted, [len(p) for p in pairs], deadline, "rerank")
             finally:
                 if admitted is not None:
@@ -358,7 +359,7 @@ class RerankRole(_Role):
         documents = best_chunks(scores, pairs, owner, len(docs))
         completed = np.zeros(len(docs), dtype=bool)        # a document with pairs, all of them completed
         completed[owner] = True
-        for pair_done, doc in zip(done, owner):
+        for pair_done, doc in zip(done, owner, strict=True):
             completed[doc] &= bool(pair_done)
         documents.raw[~completed] = np.nan
         documents.normalized[~completed] = np.nan

@@ -5,15 +5,15 @@ import asyncio
 import logging
 import math
 import time
-from typing import Any, Awaitable, Callable
+from collections.abc import Awaitable, Callable, Mapping
+from typing import Any
 
 import grpc
 from google.protobuf import json_format, struct_pb2
 
 from twostage.server import errors
 from twostage.server.engine import DocumentInput, Engine, StageTiming, Timing
-from twostage.v1 import twostage_pb2 as pb
-from twostage.v1 import twostage_pb2_grpc as pb_grpc
+from twostage.v1 import twostage_pb2 as pb, twostage_pb2_grpc as pb_grpc
 
 log = logging.getLogger("twostage.service")
 
@@ -96,11 +96,12 @@ def dict_to_struct(d: dict[str, Any] | None) -> struct_pb2.Struct:
 
 def _truncate(value: int) -> bool:
     if value not in pb.Truncation.values():
-        raise errors.InvalidArgument("truncation", f"unknown value {value}; use TRUNCATION_END (1) or TRUNCATION_NONE (2)")
+        raise errors.InvalidArgument("truncation",
+                                     f"unknown value {value}; use TRUNCATION_END (1) or TRUNCATION_NONE (2)")
     return value != pb.TRUNCATION_NONE
 
 
-def _enum_name(names: dict[int, str], value: int, field: str) -> str:
+def _enum_name(names: Mapping[Any, str], value: int, field: str) -> str:
     """The engine's name of a proto enum value; "" for UNSPECIFIED (= the server default)."""
     if value == 0:
         return ""
@@ -117,14 +118,15 @@ def _deadline(context: grpc.aio.ServicerContext) -> float | None:
 class TwoStageService(pb_grpc.TwoStageServicer):
     """Thin adapter. `engine` is None until models and index are loaded (RPCs then get UNAVAILABLE)."""
 
-    def __init__(self, info: Callable[[], pb.InfoResponse], metrics: Any = None):
+    def __init__(self, info: Callable[[Engine], pb.InfoResponse], metrics: Any = None):
         self.engine: Engine | None = None
         self.draining = False  # set at shutdown: new RPCs get UNAVAILABLE while in-flight ones finish
         self.active = 0
         self._info = info
         self._metrics = metrics
 
-    async def _call(self, method: str, context: grpc.aio.ServicerContext, work: Callable[[Engine], Awaitable[Any]]) -> Any:
+    async def _call(self, method: str, context: grpc.aio.ServicerContext,
+                    work: Callable[[Engine], Awaitable[Any]]) -> Any:
         started = time.perf_counter()
         code = grpc.StatusCode.OK
         if self.draining:
@@ -232,7 +234,8 @@ class TwoStageService(pb_grpc.TwoStageServicer):
 
     async def Upsert(self, request: pb.UpsertRequest, context) -> pb.UpsertResponse:
         async def work(engine: Engine) -> pb.UpsertResponse:
-            docs = [DocumentInput(id=d.id, text=d.text, title=d.title, metadata=struct_to_dict(d.metadata, f"documents[{i}].metadata"),
+            docs = [DocumentInput(id=d.id, text=d.text, title=d.title,
+                                  metadata=struct_to_dict(d.metadata, f"documents[{i}].metadata"),
                                   embedding=list(d.embedding)) for i, d in enumerate(request.documents)]
             out = await engine.upsert(docs, deadline=_deadline(context))
             if self._metrics is not None:
@@ -252,5 +255,5 @@ class TwoStageService(pb_grpc.TwoStageServicer):
 
     async def Info(self, request: pb.InfoRequest, context) -> pb.InfoResponse:
         async def work(engine: Engine) -> pb.InfoResponse:
-            return self._info()
+            return self._info(engine)
         return await self._call("Info", context, work)

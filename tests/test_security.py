@@ -139,7 +139,7 @@ class GateServer:
 
     async def _start(self, interceptor: ApiKeyInterceptor) -> int:
         self.server = grpc.aio.server(interceptors=[interceptor, DecodeGuardInterceptor()])
-        self.service = TwoStageService(info=lambda: pb.InfoResponse())
+        self.service = TwoStageService(info=lambda engine: pb.InfoResponse())
         pb_grpc.add_TwoStageServicer_to_server(self.service, self.server)
         hs = health.aio.HealthServicer()
         await hs.set("", health_pb2.HealthCheckResponse.SERVING)

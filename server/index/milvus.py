@@ -117,9 +117,12 @@ def _is_local(uri: str) -> bool:
 class _EmbeddingModel(Protocol):
     """What the fingerprint reads from a loaded bi-encoder."""
 
-    name: str
-    sha256: str
-    dimension: int
+    @property
+    def name(self) -> str: ...
+    @property
+    def sha256(self) -> str: ...
+    @property
+    def dimension(self) -> int: ...
 
 
 # ---------------------------------------------------------------------------------------------
