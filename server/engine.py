@@ -428,13 +428,23 @@ class Engine:
                                                  else fusion_weight, n_candidates, filter or None,
                                                  expansion_search, max_query_tokens, timing, when.at)
         fused = fused[:n_candidates]
-        need_docs = (not skip_rerank) or (not ids_only)
+        # How many candidates reranking may reach: all of them, or with a budget at most what could be scored in
+        # the time left (often none under load), so that the documents nobody reads are not fetched.
+        may_rerank = 0 if skip_rerank else len(fused)
+        if may_rerank and when.budgeted and when.at is not None:
+            may_rerank = self.reranker.fit_bound(query, may_rerank, deadline=when.at)
+        # Documents to read: those reranking may score, plus (unless ids_only) those the answer may show. The
+        # answer is the reranked hits, then the rest in stage-1 order, so its top_k lie in the first
+        # may_rerank + top_k candidates.
+        fetch = len(fused) if may_rerank == len(fused) else (may_rerank if ids_only else may_rerank + top_k)
         stored: dict[str, StoredDoc] = {}
-        if need_docs and fused:
+        if fetch and fused:
             t0 = time.perf_counter()
-            stored = await asyncio.to_thread(self.index.get, [f.id for f in fused])
+            stored = await asyncio.to_thread(self.index.get, [f.id for f in fused[:fetch]])
             timing.store_ms += (time.perf_counter() - t0) * 1000.0
-            fused = [f for f in fused if f.id in stored]  # deleted since stage 1 ran
+            # drop those deleted since stage 1 ran (those past the fetched ones are not looked at)
+            fused = [f for f in fused[:fetch] if f.id in stored] + fused[fetch:]
+            may_rerank = min(may_rerank, len(stored))
 
         hits = [Hit(id=f.id, score=f.score, rerank_score=0.0, retrieval_score=f.score, reranked=False,
                     retrieval_rank=i, document=None if ids_only else stored.get(f.id),
@@ -445,14 +455,18 @@ class Engine:
         score_kind = "similarity"
         if not skip_rerank and hits:
             score_kind = "raw" if raw else "normalized"
-            texts = [embedding_text(stored[h.id].title, stored[h.id].text) for h in hits]
-            n_reranked = await self._rerank_hits(query, hits, texts, timing, when, raw=raw,
-                                                 max_query_tokens=max_query_tokens, max_doc_tokens=max_doc_tokens)
+            texts = [embedding_text(stored[h.id].title, stored[h.id].text) for h in hits[:may_rerank]]
+            if texts:
+                n_reranked = await self._rerank_hits(query, hits[:may_rerank], texts, timing, when, raw=raw,
+                                                     max_query_tokens=max_query_tokens,
+                                                     max_doc_tokens=max_doc_tokens)
             # the reranked hits first (each group in stage-1 order): `_final_scores` takes them as a prefix
             hits = [h for h in hits if h.reranked] + [h for h in hits if not h.reranked]
             applied_weight = self._final_scores(hits, n_reranked, cfg.rerank_weight if rerank_weight is None
                                                 else rerank_weight) if n_reranked else 0.0
             hits = sorted(hits, key=lambda h: (not h.reranked, -h.score, h.retrieval_rank))
+        if not ids_only:    # an unfetched hit reaches the top only when fetched ones were deleted meanwhile
+            hits = [h for h in hits if h.document is not None]
         hits = hits[:top_k]
         return SearchOutcome(hits=hits, score_kind=score_kind, candidates=len(fused), reranked=n_reranked,
                              filter_exhausted=bool(filter) and exhausted and len(fused) < top_k,

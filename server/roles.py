@@ -61,6 +61,9 @@ def inference_pool(config: Config, name: str = "twostage-inference") -> Inferenc
 FLOOR_BYTES_PER_TOKEN = 10
 # Budgeted scoring tokenizes this many documents first, then doubles while all of them fit (module docstring).
 FIRST_SLICE = 8
+# `RerankRole.fit_bound` takes every document to have at least this many tokens: a floor that few real
+# documents go under, so the bound rarely falls short of what the real plan admits.
+MIN_DOC_TOKENS = 8
 
 
 def token_floor(texts_bytes: int, specials: int, max_length: int) -> int:
@@ -297,6 +300,16 @@ class RerankRole(_Role[Reranker]):
 
     def _warm_up_items(self, length: int, count: int) -> list[Encoded]:
         return self.model.encode("warm up query", [WARM_UP_TEXT] * count, max_doc_tokens=max(1, length - 8))
+
+    def fit_bound(self, query: str, count: int, *, deadline: float) -> int:
+        """At most how many of `count` documents a budgeted `score` made now could score by `deadline`, known
+        before the documents are read: the plan for pairs of the query's token floor and `MIN_DOC_TOKENS`
+        each. 0 (the usual answer when the queue ahead already fills the budget) spares the caller fetching and
+        tokenizing documents that would not be scored."""
+        if count <= 0:
+            return 0
+        floor = token_floor(utf8_size(query), self.model.tokenizer.pair_specials + MIN_DOC_TOKENS, self.max_length)
+        return self.batcher.plan_prefix([floor] * count, deadline=deadline)
 
     async def score(self, query: str, docs: Sequence[str], *, deadline: float | None = None, budgeted: bool = False,
                     priority: Priority = Priority.NORMAL, max_query_tokens: int = 0, max_doc_tokens: int = 0,

@@ -163,14 +163,15 @@ def run_engine(models, cfg: Config, body, **engine_options):
     return asyncio.run(asyncio.wait_for(main(), timeout=120))
 
 
-async def timed_search(engine: Engine, query: str, budget_ms: int, *,
-                       stage_one_may_miss: bool = False) -> tuple[SearchOutcome | None, float]:
+async def timed_search(engine: Engine, query: str, budget_ms: int, *, stage_one_may_miss: bool = False,
+                       top_k: int = 60, ids_only: bool = False) -> tuple[SearchOutcome | None, float]:
     """A budgeted Search of all 60 documents and how late it answered (seconds past its budget; negative: early).
     With `stage_one_may_miss`, a DeadlineExceeded (stage 1 itself did not fit the budget: the query is tokenized
     and embedded on a loaded machine) is returned as None."""
     arrived = time.monotonic()
     try:
-        out = await engine.search(query, top_k=60, candidates=60, latency_budget_ms=budget_ms, arrived=arrived)
+        out = await engine.search(query, top_k=top_k, candidates=60, latency_budget_ms=budget_ms, arrived=arrived,
+                                  ids_only=ids_only)
     except DeadlineExceeded:
         if not stage_one_may_miss:
             raise
@@ -350,6 +351,30 @@ def test_a_budget_spent_by_stage_one_returns_stage_one_order_at_once(models, tmp
     assert out.reranked == 0 and out.budget_limited and out.timing.rerank.items == 0
     assert [h.retrieval_rank for h in out.hits] == list(range(60))
     assert late <= allowed + overrun_outside_reranking(out, 40)    # answered at once after stage 1
+
+
+@pytest.mark.parametrize("ids_only", [True, False])
+def test_a_budget_that_fits_no_pair_reads_only_the_documents_it_answers_with(models, tmp_path, ids_only):
+    cfg = budget_config(tmp_path, tmp_path / "index")
+
+    async def body(engine: Engine):
+        fetched: list[list[str]] = []
+        get = engine.index.get
+        engine.index.get = lambda ids: fetched.append(list(ids)) or get(ids)   # type: ignore[method-assign]
+        with LoopLag() as lag:
+            out, late = await timed_search(engine, QUERIES[0], 60, top_k=5, ids_only=ids_only)
+        return out, late, lag.allowed, fetched
+
+    # one pair costs ~0.2 s (learnt at warm-up): a 60 ms budget fits none, which is known before reading documents
+    out, late, allowed, fetched = run_engine(models, cfg, body, rerank_per_token_s=0.004)
+    assert out.reranked == 0 and out.budget_limited and out.timing.rerank.items == 0
+    assert out.timing.rerank.tokenize_ms == 0
+    assert [h.retrieval_rank for h in out.hits] == list(range(5)) and out.candidates == 60
+    if ids_only:
+        assert fetched == [] and all(h.document is None for h in out.hits)
+    else:
+        assert fetched == [[h.id for h in out.hits]] and all(h.document.id == h.id for h in out.hits)
+    assert late <= allowed + overrun_outside_reranking(out, 60)
 
 
 def test_budgeted_rerank_scores_whole_documents_and_marks_the_rest(models, tmp_path):
