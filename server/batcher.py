@@ -99,7 +99,10 @@ from __future__ import annotations
 import asyncio
 import enum
 import itertools
+import logging
 import math
+import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -112,6 +115,8 @@ from twostage.model.tokenization import Encoded, padded_tokens
 from twostage.server.cost import CostModel
 from twostage.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
 from twostage.server.planner import affordable_prefix, batch_fits, finish_in
+
+log = logging.getLogger("twostage.batcher")
 
 
 class Priority(enum.IntEnum):
@@ -183,6 +188,19 @@ class Worker:
         self.busy_until = busy_until
 
 
+def lower_thread_priority(nice: int) -> None:
+    """Raise the calling thread's nice value by `nice` (Linux schedules threads apart). Model batches then yield
+    the CPU to the event loop and the gRPC threads, which answer requests and feed the batches: on a machine with
+    no core to spare, a query's parse, ANN search and reply otherwise wait behind running batches."""
+    if nice <= 0:
+        return
+    try:
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + nice))
+    except (AttributeError, OSError) as exc:   # not Linux, or not allowed: run at the process's priority
+        log.warning("inference threads keep the process's priority: %s", exc)
+
+
 class InferencePool:
     """Worker threads that run model batches: at most `workers` at once, shared by every batcher given it.
 
@@ -194,14 +212,18 @@ class InferencePool:
     ``free_worker_within_ms``: see `batch_time_limit` and the module docstring (0 = off).
     """
 
-    def __init__(self, workers: int = 1, name: str = "twostage-inference", *, free_worker_within_ms: float = 0.0):
+    def __init__(self, workers: int = 1, name: str = "twostage-inference", *, free_worker_within_ms: float = 0.0,
+                 nice: int = 0):
         if workers <= 0:
             raise ValueError(f"inference pool: workers must be > 0 (got {workers})")
         if free_worker_within_ms < 0:
             raise ValueError(f"inference pool: free_worker_within_ms must be >= 0 (got {free_worker_within_ms})")
+        if not 0 <= nice <= 19:
+            raise ValueError(f"inference pool: nice must be between 0 and 19 (got {nice})")
         self.workers = workers
         self.free_worker_within_s = free_worker_within_ms / 1000.0
-        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name)
+        self.executor = ThreadPoolExecutor(max_workers=workers, thread_name_prefix=name,
+                                           initializer=lower_thread_priority, initargs=(nice,))
         self._free = workers
         self._busy: set[Worker] = set()
         self._waiters: list[tuple[int, Callable[[], float], asyncio.Future]] = []

@@ -58,6 +58,7 @@ class Config:
     execution_provider: str = knob("cpu", "ONNX Runtime execution provider", choices=("cpu", "cuda"))
     inference_workers: int = knob(0, "batches that run at once, across both models, each on its own thread (0 = the CPUs this process may use, from its affinity mask and cgroup CPU quota, with execution_provider cpu; 1 with cuda)")
     intra_op_threads: int = knob(0, "ONNX Runtime intra-op threads per running batch (0 = CPU cores / inference_workers, at least 1)")
+    inference_nice: int = knob(0, "lower the inference worker threads' CPU priority by this much (Linux nice, 0-19; 0 = the process's own) so that answering requests and feeding batches come first when every core is busy")
     ort_allow_spinning: bool = knob(False, "let ONNX Runtime worker threads spin between ops (lower latency on an idle machine; off can help when cores are shared)")
     # -- batching (one batcher per model)
     batching: bool = knob(True, "dynamic batching across requests (off: each request's work runs alone)")
@@ -154,6 +155,8 @@ class Config:
         for name in ("default_latency_budget_ms", "latency_reserve_ms", "free_worker_within_ms", "warm_up_batches"):
             if getattr(self, name) < 0:
                 problems.append(f"{name} must be >= 0 (got {getattr(self, name)})")
+        if not 0 <= self.inference_nice <= 19:
+            problems.append(f"inference_nice must be between 0 and 19 (got {self.inference_nice})")
         if self.hybrid_depth <= 0:
             problems.append(f"hybrid_depth must be > 0 (got {self.hybrid_depth})")
         if bool(self.tls_cert) != bool(self.tls_key):

@@ -53,7 +53,8 @@ def session_settings(config: Config) -> SessionSettings:
 def inference_pool(config: Config, name: str = "twostage-inference") -> InferencePool:
     """The worker pool both roles share, sized by `thread_layout` so that workers x threads fill the cores."""
     workers, _ = thread_layout(config.inference_workers, config.intra_op_threads, config.execution_provider)
-    return InferencePool(workers, name=name, free_worker_within_ms=config.free_worker_within_ms)
+    return InferencePool(workers, name=name, free_worker_within_ms=config.free_worker_within_ms,
+                         nice=config.inference_nice)
 
 
 # A floor on a text's tokens from its UTF-8 size, for refusing before tokenizing: English wordpieces take about 4-5

@@ -1193,3 +1193,22 @@ def test_budgeted_work_does_not_wait_for_batch_mates():
 
     result, elapsed = run(scenario())
     assert result.completed.all() and elapsed < 0.9  # far below the 1 s an unbudgeted item would wait
+
+
+def test_pool_threads_run_at_the_nice_value_asked_and_the_process_keeps_its_own():
+    import os
+
+    def priority() -> int:
+        return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+    own = priority()
+    for nice, expected in ((0, own), (5, min(19, own + 5))):
+        pool = InferencePool(2, free_worker_within_ms=0.0, nice=nice)
+        try:
+            seen = {pool.executor.submit(priority).result() for _ in range(4)}
+        finally:
+            pool.shutdown()
+        assert seen == {expected}
+    assert priority() == own
+    with pytest.raises(ValueError, match="nice must be between 0 and 19"):
+        InferencePool(1, nice=20)
