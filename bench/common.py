@@ -300,7 +300,11 @@ class ServerProcess:
     A child process keeps the benchmark client's Python work off the server's interpreter, as in production.
     """
 
-    def __init__(self, models: Path, index: Path, log_path: Path | None = None, **overrides: Any):
+    def __init__(self, models: Path, index: Path, log_path: Path | None = None, *, python: str | None = None,
+                 **overrides: Any):
+        """`python`: the interpreter to run the server with (default: this one), e.g. another build's
+        environment (bench.paired)."""
+        self.python = python or sys.executable
         self.port = free_port()
         self.metrics_port = free_port()
         self.config = {"models": str(models), "index": str(index), "host": "127.0.0.1", "port": self.port,
@@ -318,7 +322,7 @@ class ServerProcess:
     def start(self, timeout_s: float = 600.0) -> "ServerProcess":
         env = dict(os.environ, HF_HUB_OFFLINE="1")
         with open(self.log_path, "wb") as log:
-            self.proc = subprocess.Popen([sys.executable, "-c", _SERVE_SNIPPET, json.dumps(self.config)],
+            self.proc = subprocess.Popen([self.python, "-c", _SERVE_SNIPPET, json.dumps(self.config)],
                                          stdout=log, stderr=subprocess.STDOUT, env=env, cwd=REPO_ROOT)
         self.wait_serving(timeout_s)
         return self

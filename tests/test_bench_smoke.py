@@ -319,6 +319,17 @@ def test_budget_bench(tiny):
     assert set(data["targets"]) == {"one_client", "concurrent", "head_of_line", "flood", "unbudgeted"}
 
 
+def test_paired_bench(tiny):
+    # this interpreter's build as its own baseline: the two servers and the pairing run, figures aside
+    data = run_bench("paired", tiny, "--baseline-python", sys.executable)
+    lat, tp = data["latency"], data["throughput"]
+    assert lat["pairs"] == 2 and lat["speed_ratio_median"] > 0
+    for name in ("baseline", "this tree"):
+        assert lat["ms"][name]["n"] == 2 and lat["ms"][name]["p50"] > 0
+        assert len(tp["pairs_per_s"][name]) == 1 and tp["pairs_per_s"][name][0] > 0
+    assert tp["ratio_median"] == pytest.approx(tp["pairs_per_s"]["this tree"][0] / tp["pairs_per_s"]["baseline"][0])
+
+
 def test_milvus_parity_bench(tiny):
     pytest.importorskip("milvus_lite")
     data = run_bench("milvus_parity", tiny)
