@@ -33,6 +33,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import json
 import shutil
 import sys
 import tempfile
@@ -304,7 +305,7 @@ def unbudgeted(args: argparse.Namespace, ds: Dataset, qids: list[str], index: Pa
     for _ in range(args.unbudgeted_rounds):
         for name, knobs in variants.items():
             with ServerProcess(args.models, index, **server_threads(threads), retrieval_mode=args.mode_name,
-                               **knobs) as server:
+                               **{**args.knobs, **knobs}) as server:
                 stubs = [server.stub(), server.stub()]
                 stubs[0].Rerank(requests[0], timeout=600)        # the first call pays lazy initialization
                 t0 = time.perf_counter()
@@ -336,7 +337,7 @@ def run_dataset(args: argparse.Namespace, name: str, threads: int, first: bool) 
     args.mode = mode
     try:
         with ServerProcess(args.models, work / "index", **server_threads(threads),
-                           retrieval_mode=args.mode_name) as server:
+                           retrieval_mode=args.mode_name, **args.knobs) as server:
             stub = server.stub()
             for qid in qids[:3]:                                 # warm the caches and the cost estimate
                 search_once(stub, pb, ds.queries[qid], candidates=args.candidates, mode=mode)
@@ -424,7 +425,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                                          "quick 2)")
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated sections to run")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="print progress")
+    p.add_argument("--set", dest="knob_settings", action="append", default=[], metavar="KNOB=VALUE",
+                   help="a server config knob (server/config.py) for every server the run starts; repeatable")
     args = finish_common_args(p.parse_args(argv))
+    args.knobs = {}
+    for setting in args.knob_settings:
+        key, sep, raw = setting.partition("=")
+        if not sep:
+            p.error(f"--set: {setting!r} is not KNOB=VALUE")
+        try:
+            args.knobs[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            args.knobs[key] = raw                     # a string knob, written bare
 
     def pick(value: Any, full: Any, quick: Any) -> Any:
         return value if value is not None else (quick if args.quick else full)
