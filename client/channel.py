@@ -5,6 +5,14 @@ gRPC does the retries and the load balancing itself, from the service config giv
 up to a bounded number of attempts, within the call's deadline, and with several servers (replicas)
 the `round_robin` policy spreads calls over every one that is up. A retry may go to another replica,
 so a replica that goes down costs no call that a retry can save. Nothing here loops or sleeps.
+
+With health checking on (the default), gRPC also watches each server's standard health service
+(grpc.health.v1 `Watch` of "twostage.v1.TwoStage", the server's readiness) and round_robin sends calls
+only to servers that report SERVING: a replica that has opened its port but is still loading, or has
+lost its backend, or is draining, gets no calls, so a call's retries cannot all land on it. Per gRPC's
+health-checking spec, a server without the health service (Watch answers UNIMPLEMENTED) counts as
+healthy; one that has the health service but does not list "twostage.v1.TwoStage" (SERVICE_UNKNOWN)
+counts as not serving. Turn it off (`health_check=False`) for servers behind such a health service.
 """
 from __future__ import annotations
 
@@ -40,7 +48,14 @@ SERVICE_NAME = pb.DESCRIPTOR.services_by_name["TwoStage"].full_name
 
 PemSource = bytes | str | os.PathLike[str]
 ChannelOption = tuple[str, str | int]
-ServiceConfig = dict[str, list[dict[str, object]]]
+
+
+class ServiceConfig(TypedDict, total=False):
+    """gRPC's service config, as far as the client sets it (JSON field names of grpc.service_config.ServiceConfig)."""
+
+    loadBalancingConfig: list[dict[str, dict[str, object]]]
+    methodConfig: list[dict[str, object]]
+    healthCheckConfig: dict[str, str]
 
 
 @dataclass(frozen=True)
@@ -72,9 +87,10 @@ def _duration(seconds: float) -> str:
     return f"{seconds:.9f}".rstrip("0").rstrip(".") + "s"
 
 
-def service_config(retry: RetryPolicy) -> ServiceConfig:
-    """The channel's service config: round_robin over every address of the target, and the retry policy
-    for every method of twostage.v1.TwoStage (none when retry.max_attempts is 1)."""
+def service_config(retry: RetryPolicy, health_check: bool = True) -> ServiceConfig:
+    """The channel's service config: round_robin over every address of the target (only those whose health
+    service reports twostage.v1.TwoStage SERVING, when `health_check`), and the retry policy for every
+    method of twostage.v1.TwoStage (none when retry.max_attempts is 1)."""
     method: dict[str, object] = {"name": [{"service": SERVICE_NAME}]}
     if retry.max_attempts > 1:
         method["retryPolicy"] = {
@@ -84,7 +100,10 @@ def service_config(retry: RetryPolicy) -> ServiceConfig:
             "backoffMultiplier": retry.multiplier,
             "retryableStatusCodes": ["UNAVAILABLE"],
         }
-    return {"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [method]}
+    config: ServiceConfig = {"loadBalancingConfig": [{"round_robin": {}}], "methodConfig": [method]}
+    if health_check:
+        config["healthCheckConfig"] = {"serviceName": SERVICE_NAME}
+    return config
 
 
 def channel_target(target: str | Sequence[str]) -> str:
@@ -156,6 +175,7 @@ class ClientOptions(TypedDict, total=False):
     max_attempts: int | None        # attempts per call while UNAVAILABLE, 1-5 (retry.max_attempts) [4]
     retry: RetryPolicy | None       # the whole retry policy [RetryPolicy()]
     max_message_bytes: int          # largest message sent or received [16 MiB]
+    health_check: bool              # call only servers whose health service reports SERVING [True]
 
 
 @dataclass(frozen=True)
@@ -193,7 +213,7 @@ def connection(target: str | Sequence[str], **options: Unpack[ClientOptions]) ->
         ("grpc.max_receive_message_length", max_message_bytes),
         ("grpc.max_send_message_length", max_message_bytes),
         ("grpc.enable_retries", 1),  # grpcio's default; stated because the retries depend on it
-        ("grpc.service_config", json.dumps(service_config(retry))),
+        ("grpc.service_config", json.dumps(service_config(retry, options.get("health_check", True)))),
         # The client's policy applies, not one a DNS TXT record might publish.
         ("grpc.service_config_disable_resolution", 1),
         # gRPC keeps a request for retrying only while it fits this buffer (256 KiB by default): let every

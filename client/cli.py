@@ -200,6 +200,10 @@ def add_connection_arguments(parser: argparse.ArgumentParser, json_flag: bool = 
     group.add_argument("--max-attempts", type=int, default=4, choices=range(1, 6), metavar="{1..5}",
                        help="attempts when the server is UNAVAILABLE, with jittered exponential backoff, done by "
                             "gRPC (default: 4)")
+    group.add_argument("--no-health-check", dest="health_check", action="store_false",
+                       help="call servers whatever their health service reports (default: call only servers whose "
+                            "health service reports twostage.v1.TwoStage SERVING; a server without one counts as "
+                            "serving)")
     if json_flag:
         parser.add_argument("--json", action="store_true",
                             help="print the result as JSON, leaving out fields the server left empty (default: a "
@@ -211,7 +215,7 @@ def client_from_args(args: argparse.Namespace) -> Client:
     api_key = args.api_key if args.api_key is not None else os.environ.get("TWOSTAGE_API_KEY") or None
     return Client(args.target, timeout=args.timeout, api_key=api_key, tls=args.tls, root_certs=args.tls_ca,
                   client_cert=args.tls_cert, client_key=args.tls_key, server_name=args.tls_server_name,
-                  max_attempts=args.max_attempts)
+                  max_attempts=args.max_attempts, health_check=args.health_check)
 
 
 def _json_object(text: str) -> dict[str, Any]:

@@ -4,8 +4,9 @@ Requests are built from keyword arguments that mirror the proto fields (0 / Fals
 responses come back as small frozen dataclasses with plain Python values (metadata as dicts), never raw
 protobuf. Every call has a deadline (client default 30 s, overridable per call) that covers all of its
 attempts. gRPC itself retries calls that fail with UNAVAILABLE (jittered exponential backoff, at most
-4 attempts by default) and, given several servers, spreads calls over them (round_robin): see
-client/channel.py. Every other failure is raised at once. All failures are raised as
+4 attempts by default) and, given several servers, spreads calls over them (round_robin), calling only
+servers whose health service reports twostage.v1.TwoStage SERVING (client-side health checking; off with
+health_check=False): see client/channel.py. Every other failure is raised at once. All failures are raised as
 `TwoStageError(code, message)`.
 
     with Client("127.0.0.1:50051", api_key="...") as client:
@@ -148,6 +149,10 @@ _OPTIONS_DOC = """
     max_attempts: attempts per call while the server is UNAVAILABLE, 1-5 (shortcut for retry.max_attempts).
     retry: full retry policy (RetryPolicy: attempts and backoff times).
     max_message_bytes: largest message sent or received.
+    health_check: True (default): gRPC watches each server's health service and calls only servers that
+        report "twostage.v1.TwoStage" SERVING (not one still loading, draining, or cut off from its index
+        backend); a server without a health service counts as serving, one whose health service does not
+        know that name as not serving. False: call every server that accepts a connection.
 """
 
 
@@ -213,7 +218,9 @@ class Client(_ClientBase):
 
     def wait_ready(self, timeout: float = 60.0, *, service: str = "") -> None:
         """Poll the standard gRPC health service until `service` ("" = the whole server) is SERVING;
-        raise TwoStageError(DEADLINE_EXCEEDED) naming the last state seen when `timeout` passes."""
+        raise TwoStageError(DEADLINE_EXCEEDED) naming the last state seen when `timeout` passes. With
+        health_check on, the channel reaches only servers whose twostage.v1.TwoStage is SERVING, so this
+        also waits for that (meanwhile the last state is UNAVAILABLE "backend unhealthy")."""
         wait = _ReadyWait(self.target, service, timeout)
         while True:
             try:

@@ -15,7 +15,7 @@ from pathlib import Path
 import grpc
 import pytest
 from google.protobuf import json_format
-from grpc_health.v1 import health, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
 from twostage.client import cli, demo
 from twostage.client.output import format_table, shorten
@@ -82,6 +82,8 @@ class FakeServer:
         self.server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
         pb_grpc.add_TwoStageServicer_to_server(self.service, self.server)
         self.health = health.HealthServicer()
+        # what the real server reports once loaded; the client's channel calls only servers reporting it
+        self.health.set("twostage.v1.TwoStage", health_pb2.HealthCheckResponse.SERVING)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         self.port = self.server.add_insecure_port("127.0.0.1:0")
         self.server.start()
@@ -289,6 +291,14 @@ def test_server_error_is_one_line_with_status(fake, capsys):
     code, out, err = run_cli(["search", " ", "--target", fake.target], capsys)
     assert code == 1 and out == ""
     assert err.strip() == "twostage search: error: INVALID_ARGUMENT: query: must not be empty"
+
+
+def test_a_server_not_serving_gets_no_call_unless_health_checks_are_off(fake, capsys):
+    fake.health.set("twostage.v1.TwoStage", health_pb2.HealthCheckResponse.NOT_SERVING)  # e.g. still loading
+    code, _, err = run_cli(["info", "--target", fake.target, "--max-attempts", "1", "--timeout", "5"], capsys)
+    assert code == 1 and "UNAVAILABLE" in err and fake.service.requests == []
+    code, out, _ = run_cli(["info", "--target", fake.target, "--no-health-check", "--json"], capsys)
+    assert code == 0 and json.loads(out)["server_version"] == "1.2.3"
 
 
 def test_unreachable_server_hints_at_target(capsys):

@@ -122,10 +122,18 @@ class CountingHealth(health_pb2_grpc.HealthServicer):
             status=health_pb2.HealthCheckResponse.SERVING if ok else health_pb2.HealthCheckResponse.NOT_SERVING)
 
 
+def serving_health() -> health.HealthServicer:
+    """grpc's health servicer reporting twostage.v1.TwoStage SERVING, as the real server does once loaded: the
+    client's channel watches that service (client-side health checking) and calls only servers that report it."""
+    servicer = health.HealthServicer()
+    servicer.set(channel.SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
+    return servicer
+
+
 def start_server(servicer, health_servicer=None, credentials=None):
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     pb_grpc.add_TwoStageServicer_to_server(servicer, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer or health.HealthServicer(), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer or serving_health(), server)
     if credentials is None:
         port = server.add_insecure_port("127.0.0.1:0")
     else:
@@ -362,17 +370,22 @@ def test_a_large_request_stays_retryable(fake):
     assert len(fake.seen[1].request.documents) == 60
 
 
-def test_service_config_carries_the_retry_policy_and_round_robin():
+def test_service_config_carries_the_retry_policy_round_robin_and_health_checking():
     config = channel.service_config(RetryPolicy())
     assert config == {
         "loadBalancingConfig": [{"round_robin": {}}],
         "methodConfig": [{"name": [{"service": "twostage.v1.TwoStage"}],
                           "retryPolicy": {"maxAttempts": 4, "initialBackoff": "0.1s", "maxBackoff": "2s",
-                                          "backoffMultiplier": 2.0, "retryableStatusCodes": ["UNAVAILABLE"]}}]}
+                                          "backoffMultiplier": 2.0, "retryableStatusCodes": ["UNAVAILABLE"]}}],
+        "healthCheckConfig": {"serviceName": "twostage.v1.TwoStage"}}
     assert "retryPolicy" not in channel.service_config(RetryPolicy(max_attempts=1))["methodConfig"][0]
+    assert "healthCheckConfig" not in channel.service_config(RetryPolicy(), health_check=False)
     options = dict(channel.connection("127.0.0.1:1", max_attempts=2).options)
-    assert json.loads(options["grpc.service_config"])["methodConfig"][0]["retryPolicy"]["maxAttempts"] == 2
+    sent = json.loads(options["grpc.service_config"])
+    assert sent["methodConfig"][0]["retryPolicy"]["maxAttempts"] == 2 and "healthCheckConfig" in sent
     assert options["grpc.enable_retries"] == 1
+    unchecked = dict(channel.connection("127.0.0.1:1", health_check=False).options)
+    assert "healthCheckConfig" not in json.loads(unchecked["grpc.service_config"])
 
 
 def test_retry_policy_validation():
@@ -557,10 +570,10 @@ class Replica(pb_grpc.TwoStageServicer):
         return pb.InfoResponse(server_version=self.name)
 
 
-def start_replica(replica: Replica, port: int = 0) -> tuple[grpc.Server, int]:
+def start_replica(replica: Replica, port: int = 0, health_servicer=None) -> tuple[grpc.Server, int]:
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=4))
     pb_grpc.add_TwoStageServicer_to_server(replica, server)
-    health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+    health_pb2_grpc.add_HealthServicer_to_server(health_servicer or serving_health(), server)
     port = server.add_insecure_port(f"127.0.0.1:{port}")
     server.start()
     return server, port
@@ -610,11 +623,116 @@ def test_async_client_and_a_dns_target_use_every_replica():
             server.stop(None)
 
 
+def wait_until(predicate, what: str, timeout: float = 20.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert time.monotonic() < deadline, f"not within {timeout} s: {what}"
+        time.sleep(0.02)
+
+
+SERVING, NOT_SERVING = health_pb2.HealthCheckResponse.SERVING, health_pb2.HealthCheckResponse.NOT_SERVING
+
+
+def test_calls_go_only_to_replicas_whose_health_reports_serving():
+    """A replica that accepts connections but reports twostage.v1.TwoStage NOT_SERVING (loading, draining)
+    gets no call; once it reports SERVING it takes calls again, and it stops when it turns NOT_SERVING.
+    health_check=False calls it whatever it reports."""
+    replicas = [Replica("r0"), Replica("r1")]
+    r0_health = serving_health()
+    r0_health.set(channel.SERVICE_NAME, NOT_SERVING)
+    started = [start_replica(replicas[0], health_servicer=r0_health), start_replica(replicas[1])]
+    targets = [f"127.0.0.1:{port}" for _, port in started]
+    try:
+        with Client(targets, retry=FAST_RETRY, timeout=10) as client:
+            answered = [client.info().server_version for _ in range(40)]
+            assert set(answered) == {"r1"} and replicas[0].calls == 0
+
+            r0_health.set(channel.SERVICE_NAME, SERVING)  # loaded: the channel's health watch sees it
+            wait_until(lambda: client.info().server_version == "r0", "r0 takes calls once SERVING")
+            answered = [client.info().server_version for _ in range(40)]
+            assert answered.count("r0") >= 10 and answered.count("r1") >= 10, answered
+
+            r0_health.set(channel.SERVICE_NAME, NOT_SERVING)  # draining or cut off from its backend
+            time.sleep(0.5)  # the health watch's update is asynchronous to the calls
+            before = replicas[0].calls
+            assert {client.info().server_version for _ in range(40)} == {"r1"} and replicas[0].calls == before
+
+        with Client(targets, retry=FAST_RETRY, timeout=10, health_check=False) as client:
+            answered = [client.info().server_version for _ in range(40)]
+        assert answered.count("r0") >= 10 and answered.count("r1") >= 10, answered
+    finally:
+        for server, _ in started:
+            server.stop(None)
+
+
+def test_async_client_calls_only_replicas_reporting_serving():
+    replicas = [Replica("r0"), Replica("r1")]
+    r0_health = serving_health()
+    r0_health.set(channel.SERVICE_NAME, NOT_SERVING)
+    started = [start_replica(replicas[0], health_servicer=r0_health), start_replica(replicas[1])]
+
+    async def answers(**options):
+        async with AsyncClient([f"127.0.0.1:{port}" for _, port in started], timeout=10, **options) as client:
+            return [(await client.info()).server_version for _ in range(20)]
+
+    try:
+        assert set(asyncio.run(answers())) == {"r1"} and replicas[0].calls == 0
+        assert asyncio.run(answers(health_check=False)).count("r0") >= 5
+    finally:
+        for server, _ in started:
+            server.stop(None)
+
+
+def test_a_server_without_a_health_service_still_gets_calls():
+    """gRPC's health-checking spec: a server whose Watch answers UNIMPLEMENTED counts as healthy (grpcio
+    logs that it disables the check). One whose health service does not know twostage.v1.TwoStage answers
+    SERVICE_UNKNOWN: not serving, so the client needs health_check=False for it."""
+    replica = Replica("bare")
+    server = grpc.server(futures.ThreadPoolExecutor(max_workers=2))
+    pb_grpc.add_TwoStageServicer_to_server(replica, server)
+    port = server.add_insecure_port("127.0.0.1:0")
+    server.start()
+    unknown, unknown_port = start_replica(Replica("unknown"), health_servicer=health.HealthServicer())
+    try:
+        with Client(f"127.0.0.1:{port}", timeout=10) as client:
+            assert [client.info().server_version for _ in range(3)] == ["bare"] * 3
+        with Client(f"127.0.0.1:{unknown_port}", retry=FAST_RETRY, timeout=10) as client:
+            with pytest.raises(TwoStageError) as caught:
+                client.info()
+            assert caught.value.code == grpc.StatusCode.UNAVAILABLE  # at once, not at the deadline
+        with Client(f"127.0.0.1:{unknown_port}", timeout=10, health_check=False) as client:
+            assert client.info().server_version == "unknown"
+    finally:
+        server.stop(None)
+        unknown.stop(None)
+
+
+def test_wait_ready_waits_for_the_service_the_channel_watches():
+    """With health checking the channel reaches no server whose twostage.v1.TwoStage is NOT_SERVING, so
+    wait_ready() ("" = the process) also waits for readiness."""
+    loading = serving_health()
+    loading.set("", SERVING)
+    loading.set(channel.SERVICE_NAME, NOT_SERVING)
+    server, port = start_replica(Replica("r"), health_servicer=loading)
+    try:
+        with Client(f"127.0.0.1:{port}") as client:
+            with pytest.raises(TwoStageError, match="backend unhealthy"):
+                client.wait_ready(timeout=0.5)
+            loading.set(channel.SERVICE_NAME, SERVING)
+            client.wait_ready(timeout=20)
+            assert client.info().server_version == "r"
+        loading.set(channel.SERVICE_NAME, NOT_SERVING)
+        with Client(f"127.0.0.1:{port}", health_check=False) as client:
+            client.wait_ready(timeout=20)
+    finally:
+        server.stop(None)
+
+
 REPLICA_PROCESS = """
 import sys, time
 from concurrent import futures
 import grpc
-from grpc_health.v1 import health, health_pb2_grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from twostage.v1 import twostage_pb2 as pb, twostage_pb2_grpc as pb_grpc
 
 class Slow(pb_grpc.TwoStageServicer):
@@ -624,7 +742,9 @@ class Slow(pb_grpc.TwoStageServicer):
 
 server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
 pb_grpc.add_TwoStageServicer_to_server(Slow(), server)
-health_pb2_grpc.add_HealthServicer_to_server(health.HealthServicer(), server)
+health_servicer = health.HealthServicer()
+health_servicer.set("twostage.v1.TwoStage", health_pb2.HealthCheckResponse.SERVING)
+health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
 print(server.add_insecure_port("127.0.0.1:0"), flush=True)
 server.start()
 server.wait_for_termination()

@@ -21,7 +21,6 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
 from bench.replicas import Phases, ScenarioResult, run_scenario, search_ok_count  # noqa: E402
-from twostage.client.channel import RetryPolicy, service_config  # noqa: E402
 
 CLIENTS = 16
 CALL_TIMEOUT_S = 30.0  # the caller's deadline: the only failure allowed is running past it
@@ -53,18 +52,10 @@ def test_a_replica_killed_under_load_costs_no_call(scenario):
     assert scenario.total_client_ok > 100, scenario.client
 
 
-# The channel's round_robin sends calls to every replica whose port accepts connections. A restarted replica
-# opens its port before it has loaded (and stays NOT_SERVING while Milvus is out of its reach): calls sent to it
-# then fail UNAVAILABLE and are retried, but with 16 threads picking in turn a call's every attempt can land on
-# it, and the call fails. The client avoids that only by asking gRPC to watch each replica's health
-# ("healthCheckConfig" in its service config, client/channel.py): until it does, this can fail.
-CLIENT_WATCHES_HEALTH = "healthCheckConfig" in service_config(RetryPolicy())
-
-
-@pytest.mark.xfail(not CLIENT_WATCHES_HEALTH, strict=False,
-                   reason="client/channel.py's service config has no healthCheckConfig: calls reach a replica that is "
-                          "still loading, and all attempts of a call can land there")
 def test_a_restarting_replica_costs_no_call(scenario):
+    """A restarted replica opens its port before it has loaded (and stays NOT_SERVING while Milvus is out of its
+    reach). The client's channel watches each replica's health (client/channel.py, healthCheckConfig) and sends
+    calls only to replicas reporting SERVING, so no call, nor any of its retries, lands on one still loading."""
     assert not _failed(scenario, ("rejoin", "after")), scenario.failures[:5]
 
 
