@@ -23,7 +23,7 @@ from grpc_reflection.v1alpha import reflection
 
 from twostage.model.model_set import open_model_set
 from twostage.model.onnx_model import OnnxModel
-from twostage.server.auth import ApiKeyInterceptor, DecodeGuardInterceptor
+from twostage.server.auth import ApiKeyInterceptor, ConcurrencyLimitInterceptor, DecodeGuardInterceptor
 from twostage.server.config import Config
 from twostage.server.engine import Engine
 from twostage.server.errors import Unavailable
@@ -211,9 +211,10 @@ async def start_server(config: Config) -> RunningServer:
     api_keys = ApiKeyInterceptor.from_config(config, observe_rpc=metrics.observe_rpc)
     if api_keys is not None:
         interceptors.append(api_keys)  # first: refused RPCs are never decoded
+    # before decoding; health watches and reflection are not counted
+    interceptors.append(ConcurrencyLimitInterceptor(config.max_concurrent_rpcs, SERVICE_NAME, metrics.observe_rpc))
     interceptors.append(DecodeGuardInterceptor())
-    server = grpc.aio.server(options=options, maximum_concurrent_rpcs=config.max_concurrent_rpcs,
-                             interceptors=interceptors)
+    server = grpc.aio.server(options=options, interceptors=interceptors)
     health_servicer = health.aio.HealthServicer()
     service = TwoStageService(info=lambda engine: build_info(config, engine), metrics=metrics)
     pb_grpc.add_TwoStageServicer_to_server(service, server)

@@ -1,4 +1,5 @@
-"""Ingress protection for the gRPC server: API-key access control and a guard for undecodable requests.
+"""Ingress protection for the gRPC server: API-key access control, a bound on calls in progress and a guard for
+undecodable requests.
 
 Clients send ``authorization: Bearer <key>`` metadata. Two key sets come from the config:
 
@@ -15,6 +16,11 @@ Keys are compared in constant time: the presented key and every configured key a
 digests (so that key lengths do not leak either) and compared with `hmac.compare_digest`, over all keys,
 without stopping at the first match. Keys are never logged; refusals are logged with the method and the
 reason only.
+
+`ConcurrencyLimitInterceptor` bounds the twostage.v1.TwoStage RPCs in progress (``max_concurrent_rpcs``): one
+past the bound gets RESOURCE_EXHAUSTED before its request is decoded. Health and reflection streams are not
+counted: a client that checks health holds one Watch stream for as long as its channel lives, and those must
+not use up the slots of real calls (gRPC's own `maximum_concurrent_rpcs` counts every stream alike).
 
 `DecodeGuardInterceptor` makes a request that cannot be decoded (e.g. a Struct nested deeper than the
 protobuf decoder allows) answer INVALID_ARGUMENT instead of gRPC's default UNKNOWN: it parses the request
@@ -183,6 +189,44 @@ class ApiKeyInterceptor(grpc.aio.ServerInterceptor):
         if self.observe_rpc is not None:
             self.observe_rpc(method.rsplit("/", 1)[-1], code.name, time.perf_counter() - started)
         return _refusal(await continuation(handler_call_details), code, message)
+
+
+class ConcurrencyLimitInterceptor(grpc.aio.ServerInterceptor):
+    """At most `limit` unary RPCs of `service` in progress at once (module docstring); `active` is how many are."""
+
+    def __init__(self, limit: int, service: str, observe_rpc: RpcObserver | None = None):
+        if limit <= 0:
+            raise ValueError(f"max_concurrent_rpcs must be > 0 (got {limit})")
+        self.limit = limit
+        self.prefix = f"/{service}/"
+        self.observe_rpc = observe_rpc
+        self.active = 0
+
+    async def intercept_service(self,
+                                continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
+                                handler_call_details: grpc.HandlerCallDetails) -> grpc.RpcMethodHandler:
+        handler = await continuation(handler_call_details)
+        if (not handler_call_details.method.startswith(self.prefix) or handler is None
+                or handler.request_streaming or handler.response_streaming or handler.unary_unary is None):
+            return handler
+        behaviour = handler.unary_unary
+        method = handler_call_details.method.rsplit("/", 1)[-1]
+
+        async def limited(request: Any, context: grpc.aio.ServicerContext) -> Any:
+            if self.active >= self.limit:
+                if self.observe_rpc is not None:
+                    self.observe_rpc(method, grpc.StatusCode.RESOURCE_EXHAUSTED.name, 0.0)
+                await context.abort(grpc.StatusCode.RESOURCE_EXHAUSTED,
+                                    f"the server is serving max_concurrent_rpcs={self.limit} calls; retry shortly "
+                                    "or on another replica")
+            self.active += 1
+            try:
+                return await behaviour(request, context)
+            finally:
+                self.active -= 1
+
+        return grpc.unary_unary_rpc_method_handler(limited, request_deserializer=handler.request_deserializer,
+                                                   response_serializer=handler.response_serializer)
 
 
 class DecodeGuardInterceptor(grpc.aio.ServerInterceptor):

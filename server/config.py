@@ -46,7 +46,7 @@ class Config:
     port: int = knob(50051, "gRPC port (0 = pick a free port and log it)")
     metrics_port: int = knob(9464, "Prometheus metrics HTTP port (0 = pick a free port, -1 = off)")
     max_message_bytes: int = knob(16 * 1024 * 1024, "largest gRPC message received or sent, in bytes")
-    max_concurrent_rpcs: int = knob(256, "RPCs served at once; beyond it new RPCs get RESOURCE_EXHAUSTED")
+    max_concurrent_rpcs: int = knob(256, "twostage RPCs served at once; beyond it new ones get RESOURCE_EXHAUSTED (health watches and reflection are not counted)")
     grace_period_s: float = knob(10.0, "on SIGTERM/SIGINT: seconds in-flight requests get to finish")
     # -- security
     tls_cert: str = knob("", "PEM server certificate chain (enables TLS with tls_key)")

@@ -161,3 +161,22 @@ def test_cancelled_call_frees_its_queue_slot_and_never_runs(queue_server):
     assert len(stub.Embed(pb.EmbedRequest(texts=[LONG_TEXT]), timeout=60).embeddings) == 1
     assert bi_encoder_items(queue_server) == (batches + 1, items + 1), "only the admitted call's text ran"
     assert doomed.cancelled()
+
+
+def test_health_watches_do_not_take_the_slots_of_calls(tiny_models, tmp_path):
+    # a health-checking client holds one Watch stream per channel for as long as the channel lives
+    from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+    cfg = make_config(tiny_models, tmp_path / "idx", max_concurrent_rpcs=1)
+    with ServerThread(cfg) as srv:
+        channels = [grpc.insecure_channel(srv.target) for _ in range(3)]
+        try:
+            watches = [health_pb2_grpc.HealthStub(ch).Watch(health_pb2.HealthCheckRequest(service="twostage.v1.TwoStage"))
+                       for ch in channels]
+            assert all(next(w).status == health_pb2.HealthCheckResponse.SERVING for w in watches)
+            assert len(srv.stub().Embed(pb.EmbedRequest(texts=["past three open watches"]), timeout=30).embeddings) == 1
+            for w in watches:
+                w.cancel()
+        finally:
+            for ch in channels:
+                ch.close()
