@@ -23,6 +23,7 @@ trec-dl-2019-subset (100 per request by default) for one of its queries.
 from __future__ import annotations
 
 import argparse
+import json
 import shutil
 import statistics
 import sys
@@ -98,7 +99,18 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None, help="latency passes over the requests (default 3; quick 1)")
     p.add_argument("--throughput-rounds", type=int, default=None,
                    help="throughput blocks per server (default 4; quick 1)")
+    p.add_argument("--set", dest="knob_settings", action="append", default=[], metavar="KNOB=VALUE",
+                   help="a server config knob for this tree's server only (e.g. one the baseline lacks); repeatable")
     args = finish_common_args(p.parse_args(argv))
+    args.knobs = {}
+    for setting in args.knob_settings:
+        key, sep, raw = setting.partition("=")
+        if not sep:
+            p.error(f"--set: {setting!r} is not KNOB=VALUE")
+        try:
+            args.knobs[key] = json.loads(raw)
+        except json.JSONDecodeError:
+            args.knobs[key] = raw                     # a string knob, written bare
     quick = args.quick
     args.requests = args.requests or (2 if quick else 12)
     args.docs = args.docs or (8 if quick else 100)
@@ -115,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     knobs = dict(server_threads(threads), log_level="warning")
     servers = {"baseline": ServerProcess(args.models, work / "index-baseline", python=str(args.baseline_python),
                                          **knobs),
-               "this tree": ServerProcess(args.models, work / "index-this", **knobs)}
+               "this tree": ServerProcess(args.models, work / "index-this", **knobs, **args.knobs)}
     try:
         for server in servers.values():
             server.start()

@@ -70,7 +70,7 @@ class Config:
     rerank_max_batch_size: int = knob(16, "cross-encoder: most pairs in one batch")
     rerank_max_delay_ms: float = knob(2.0, "cross-encoder: longest wait for more work once a batch has started to fill")
     rerank_max_queued_tokens: int = knob(1_000_000, "cross-encoder: queued-token bound; beyond it RESOURCE_EXHAUSTED")
-    free_worker_within_ms: float = knob(10.0, "while latency-critical work (a query embedding) may arrive, keep some inference worker predicted to free within this many ms by cutting other batches shorter (0 = off; server/batcher.py)")
+    free_worker_within_ms: float = knob(20.0, "while latency-critical work (a query embedding) may arrive, keep some inference worker predicted to free within this many ms by cutting other batches shorter (0 = off; server/batcher.py)")
     warm_up_batches: int = knob(12, "batches of assorted sizes each model runs at startup so that its cost estimate (fixed + per-token batch cost, used to plan latency budgets) is measured before the first request (0 = none)")
     # -- index
     index_metric: str = knob("cos", "vector metric", choices=("cos", "ip", "l2sq"))
