@@ -16,7 +16,8 @@ time and includes the client's own work. Sections:
   query, so drift on the machine hits them alike.
 - **concurrent**: `--clients` closed-loop clients (one asyncio gRPC channel each) sending Searches with a
   `--concurrent-budget-ms` budget for `--concurrent-requests` requests in all: p50/p99, failures, and the share of
-  requests that got at least one pair reranked.
+  requests that got at least one pair reranked; then the same clients with stage-1-only Searches (`skip_rerank`),
+  the floor under any budget at that load.
 - **head_of_line** (first dataset): a stage-1-only Search and a 50 ms-budget Search, each measured idle and while
   a Rerank of `--big-rerank` passages (corpus texts) runs; p99 against the idle p99 and against the budget.
 - **unbudgeted** (first dataset): the throughput of unbudgeted Rerank calls of 100 passages from two clients, on
@@ -121,8 +122,10 @@ def sweep(stub: Any, pb: Any, ds: Dataset, qids: list[str], args: argparse.Names
 
 
 # -------------------------------------------------------------------------------------- concurrency
-def concurrent(target: str, ds: Dataset, qids: list[str], args: argparse.Namespace) -> dict[str, Any]:
-    """`args.clients` closed-loop clients, each on its own channel in one asyncio loop."""
+def concurrent(target: str, ds: Dataset, qids: list[str], args: argparse.Namespace,
+               stage_one_only: bool = False) -> dict[str, Any]:
+    """`args.clients` closed-loop clients, each on its own channel in one asyncio loop, sending budgeted Searches
+    (or, with `stage_one_only`, Searches with `skip_rerank`: the floor under any budget at that load)."""
     import grpc
 
     from twostage.v1 import twostage_pb2 as pb
@@ -138,7 +141,11 @@ def concurrent(target: str, ds: Dataset, qids: list[str], args: argparse.Namespa
             for k in counter:
                 query = ds.queries[qids[(k * 7 + c) % len(qids)]]
                 request = pb.SearchRequest(query=query, top_k=10, candidates=args.candidates, ids_only=True,
-                                           latency_budget_ms=budget_ms, retrieval_mode=args.mode)
+                                           retrieval_mode=args.mode)
+                if stage_one_only:
+                    request.skip_rerank = True
+                else:
+                    request.latency_budget_ms = budget_ms
                 t0 = time.perf_counter()
                 try:
                     response = await stub.Search(request, timeout=60)
@@ -346,6 +353,8 @@ def run_dataset(args: argparse.Namespace, name: str, threads: int, first: bool) 
                 result["sweep"] = sweep(stub, pb, ds, qids, args)
             if "concurrent" in args.sections:
                 result["concurrent"] = concurrent(server.target, ds, qids, args)
+                result["concurrent"]["stage_1_only"] = concurrent(server.target, ds, qids, args,
+                                                                  stage_one_only=True)
             if first and "head_of_line" in args.sections:
                 result["head_of_line"] = head_of_line(server, ds, qids, args)
             if first and "flood" in args.sections:
@@ -374,6 +383,10 @@ def print_dataset(res: dict[str, Any]) -> None:
               f"{c['latency_ms'].get('p99', 0):.0f} ms, failed {sum(c['failures'].values())}, with >= 1 pair reranked "
               f"{(c['share_with_a_pair_reranked'] or 0):.0%}, pairs reranked mean "
               f"{c['pairs_reranked'].get('mean', 0):.1f} (target {'met' if c['meets_target'] else 'MISSED'})")
+        s1 = c.get("stage_1_only")
+        if s1:
+            print(f"  {s1['clients']} clients, stage 1 only (skip_rerank): p50 {s1['latency_ms'].get('p50', 0):.0f} ms, "
+                  f"p99 {s1['latency_ms'].get('p99', 0):.0f} ms, failed {sum(s1['failures'].values())}")
     if "head_of_line" in res:
         h = res["head_of_line"]
         for kind in ("stage 1 only", "budget 50 ms"):

@@ -7,7 +7,7 @@ The scenario (also what tests/test_replicas.py runs, with shorter phases and the
 `milvus-lite server` process on a loopback port; N `twostage serve --milvus-uri http://127.0.0.1:P
 --collection C` replica processes on fixed loopback ports, metrics on; a few documents upserted through the
 client; then C threads sending Search through one typed client that targets every replica (gRPC's
-round_robin and the client's retry policy, client/channel.py). Phases: `warm` (all replicas up), `down`
+round_robin, its health checking and retry policy, client/channel.py). Phases: `warm` (all replicas up), `down`
 (replica 0 killed with SIGKILL), `rejoin` (replica 0 restarted on the same ports, until it has served a
 Search), `after` (all up again). Calls per replica come from each replica's own Prometheus counter
 (`twostage_requests_total{method="Search",code="OK"}`), scraped at every phase boundary; the killed
@@ -15,8 +15,8 @@ replica's count is its last scrape before the kill. Failed calls are what the cl
 
 The time for the restarted replica to take traffic again is split in two: restart -> SERVING (the process
 starting: imports, models, Milvus connection) and SERVING -> first served Search. The server opens its port
-before it loads, so the clients' channel can reconnect while it loads (calls it gets then fail UNAVAILABLE
-and are retried on another replica); the counter counts a call when it completes, so the second part
+before it loads, so the clients' channel reconnects while it loads, but health checking keeps calls away from
+it until it reports twostage.v1.TwoStage SERVING; the counter counts a call when it completes, so the second part
 includes one call's duration (recorded as the median Search time).
 
 milvus-lite 3.x is a Python re-implementation of the Milvus API, not the Milvus server, and every process

@@ -62,9 +62,13 @@ def inference_pool(config: Config, name: str = "twostage-inference") -> Inferenc
 FLOOR_BYTES_PER_TOKEN = 10
 # Budgeted scoring tokenizes this many documents first, then doubles while all of them fit (module docstring).
 FIRST_SLICE = 8
-# `RerankRole.fit_bound` takes every document to have at least this many tokens: a floor that few real
-# documents go under, so the bound rarely falls short of what the real plan admits.
+# `RerankRole.fit_bound` takes every pair to have at least the query's token floor plus MIN_DOC_TOKENS, and at
+# least TYPICAL_SHARE of the typical pair length scored lately (an exponential moving average of each call's
+# median, weight TYPICAL_WEIGHT): a floor few candidate lists go under, so the bound rarely falls short of what
+# the real plan admits, yet it is 0 when the budget left cannot score even pairs of half the usual length.
 MIN_DOC_TOKENS = 8
+TYPICAL_SHARE = 0.5
+TYPICAL_WEIGHT = 0.1
 
 
 def token_floor(texts_bytes: int, specials: int, max_length: int) -> int:
@@ -298,6 +302,7 @@ class RerankRole(_Role[Reranker]):
         self.model = model
         self.batcher = _batcher(model, pool, limits, metrics)
         self.admission = Admission(self.batcher)
+        self.typical_pair_tokens = 0.0     # moving average of the median pair length of recent calls (0 = none yet)
 
     def _warm_up_items(self, length: int, count: int) -> list[Encoded]:
         return self.model.encode("warm up query", [WARM_UP_TEXT] * count, max_doc_tokens=max(1, length - 8))
@@ -305,12 +310,20 @@ class RerankRole(_Role[Reranker]):
     def fit_bound(self, query: str, count: int, *, deadline: float) -> int:
         """At most how many of `count` documents a budgeted `score` made now could score by `deadline`, known
         before the documents are read: the plan for pairs of the query's token floor and `MIN_DOC_TOKENS`
-        each. 0 (the usual answer when the queue ahead already fills the budget) spares the caller fetching and
-        tokenizing documents that would not be scored."""
+        each, or of `TYPICAL_SHARE` of the typical pair length when that is longer. 0 (the usual answer when the
+        queue ahead already fills the budget) spares the caller fetching and tokenizing documents that would not
+        be scored."""
         if count <= 0:
             return 0
         floor = token_floor(utf8_size(query), self.model.tokenizer.pair_specials + MIN_DOC_TOKENS, self.max_length)
+        floor = max(floor, min(self.max_length, int(TYPICAL_SHARE * self.typical_pair_tokens)))
         return self.batcher.plan_prefix([floor] * count, deadline=deadline)
+
+    def _observe_lengths(self, pairs: Sequence[Encoded]) -> None:
+        if pairs:
+            median = float(np.median([len(p) for p in pairs]))
+            self.typical_pair_tokens = median if not self.typical_pair_tokens else \
+                (1.0 - TYPICAL_WEIGHT) * self.typical_pair_tokens + TYPICAL_WEIGHT * median
 
     async def score(self, query: str, docs: Sequence[str], *, deadline: float | None = None, budgeted: bool = False,
                     priority: Priority = Priority.NORMAL, max_query_tokens: int = 0, max_doc_tokens: int = 0,
@@ -361,6 +374,7 @@ class RerankRole(_Role[Reranker]):
                 if admitted is not None:
                     self.admission.release(admitted)
             planned = len(pairs)
+        self._observe_lengths(pairs)
         tokenize_ms = (time.perf_counter() - t0) * 1000.0
         if planned:
             result = await self.batcher.submit(pairs[:planned], deadline=deadline, budgeted=budgeted,

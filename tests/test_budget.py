@@ -377,6 +377,23 @@ def test_a_budget_that_fits_no_pair_reads_only_the_documents_it_answers_with(mod
     assert late <= allowed + overrun_outside_reranking(out, 60)
 
 
+def test_the_fit_bound_follows_the_typical_length_of_the_pairs_scored(models, tmp_path):
+    cfg = budget_config(tmp_path, tmp_path / "index")
+
+    async def body(engine: Engine):
+        role = engine.reranker
+        before = role.fit_bound(QUERIES[0], 60, deadline=time.monotonic() + 0.1)
+        await role.score(QUERIES[0], [text(seed, 60) for seed in range(8)])     # pairs of ~70 tokens
+        typical = role.typical_pair_tokens
+        after = role.fit_bound(QUERIES[0], 60, deadline=time.monotonic() + 0.1)
+        return before, typical, after
+
+    before, typical, after = run_engine(models, cfg, body, rerank_per_token_s=0.0005)
+    assert 60 <= typical <= 80
+    # a bound on pairs of half that length, instead of the query's floor + 8 tokens: fewer fit in the same time
+    assert 0 < after < before
+
+
 def test_budgeted_rerank_scores_whole_documents_and_marks_the_rest(models, tmp_path):
     cfg = budget_config(tmp_path, tmp_path / "index")
     long_docs = [text(50 + i, 150 + 40 * (i % 4)) for i in range(24)]   # 2-3 chunks each at 128 tokens
