@@ -131,17 +131,11 @@ def engine_order(ids: list[str], scores: dict[str, float]) -> list[str]:
     return [d for _, _, d in sorted((-scores[d], i, d) for i, d in enumerate(ids))]
 
 
-def run_queries(milvus: ServerProcess, embedded: ServerProcess, queries: dict[str, str], check_every: int,
-                progress: bool) -> dict[str, Any]:
-    """Rankings of every query from both servers (see the module docstring for which come from where)."""
+def query_record(stubs: dict[str, Any], query: str, check: bool) -> dict[str, Any]:
+    """One query's rankings from both servers (see the module docstring for which come from where)."""
     from twostage.v1 import twostage_pb2 as pb
 
-    stubs = {"milvus": milvus.stub(), "embedded": embedded.stub()}
-    runs: dict[str, dict[str, dict[str, list[str]]]] = {b: {m: {} for m in MODES} for b in BACKENDS}
-    facts = {"stage1_differs_from_skip_rerank": 0, "rerank_pairs_scored_by_rerank_rpc": 0,
-             "checked_queries": 0, "checked_queries_differing": 0}
-
-    def search(backend: str, query: str, rerank: bool) -> Any:
+    def search(backend: str, rerank: bool) -> Any:
         # dense stage 1 (the comparison is of the ANN candidates; the two backends' BM25 analysers differ) and the
         # cross-encoder alone, so that the rankings depend on nothing but the candidates
         return stubs[backend].Search(pb.SearchRequest(query=query, top_k=DEPTH, candidates=DEPTH, ids_only=True,
@@ -149,28 +143,66 @@ def run_queries(milvus: ServerProcess, embedded: ServerProcess, queries: dict[st
                                                       rerank_weight=1.0), timeout=900)
 
     t0 = time.perf_counter()
-    for n, (qid, query) in enumerate(queries.items()):
-        full = search("milvus", query, rerank=True)
-        runs["milvus"]["dense + rerank"][qid] = [h.id for h in full.hits]
-        scores = {h.id: h.rerank_score for h in full.hits if h.reranked}
-        for backend in BACKENDS:
-            runs[backend]["dense"][qid] = [h.id for h in search(backend, query, rerank=False).hits]
-        stage1 = [h.id for h in sorted(full.hits, key=lambda h: h.retrieval_rank)]
-        facts["stage1_differs_from_skip_rerank"] += stage1 != runs["milvus"]["dense"][qid]
-        dense = runs["embedded"]["dense"][qid]
-        missing = [d for d in dense if d not in scores]
-        if missing:  # the embedded backend's candidates that Milvus did not return, scored by the embedded server
-            resp = stubs["embedded"].Rerank(pb.RerankRequest(query=query, document_ids=missing), timeout=900)
-            scores.update({missing[r.index]: r.score for r in resp.results})
-            facts["rerank_pairs_scored_by_rerank_rpc"] += len(missing)
-        runs["embedded"]["dense + rerank"][qid] = engine_order(dense, scores)
-        if check_every and n % check_every == 0:  # the embedded server's own reranked Search must agree
-            direct = [h.id for h in search("embedded", query, rerank=True).hits]
-            facts["checked_queries"] += 1
-            facts["checked_queries_differing"] += direct != runs["embedded"]["dense + rerank"][qid]
-        if progress and (n + 1) % 25 == 0:
-            print(f"    {n + 1}/{len(queries)} queries, {time.perf_counter() - t0:.0f} s", flush=True)
-    return {"runs": runs, "query_s": time.perf_counter() - t0, **facts}
+    full = search("milvus", rerank=True)
+    scores = {h.id: h.rerank_score for h in full.hits if h.reranked}
+    rec: dict[str, Any] = {"milvus": {"dense + rerank": [h.id for h in full.hits],
+                                      "dense": [h.id for h in search("milvus", rerank=False).hits]},
+                           "embedded": {"dense": [h.id for h in search("embedded", rerank=False).hits]}}
+    stage1 = [h.id for h in sorted(full.hits, key=lambda h: h.retrieval_rank)]
+    rec["stage1_differs_from_skip_rerank"] = stage1 != rec["milvus"]["dense"]
+    dense = rec["embedded"]["dense"]
+    missing = [d for d in dense if d not in scores]
+    if missing:  # the embedded backend's candidates that Milvus did not return, scored by the embedded server
+        resp = stubs["embedded"].Rerank(pb.RerankRequest(query=query, document_ids=missing), timeout=900)
+        scores.update({missing[r.index]: r.score for r in resp.results})
+    rec["rerank_pairs_scored_by_rerank_rpc"] = len(missing)
+    rec["embedded"]["dense + rerank"] = engine_order(dense, scores)
+    rec["checked"] = check
+    if check:  # the embedded server's own reranked Search must agree
+        rec["checked_differs"] = [h.id for h in search("embedded", rerank=True).hits] != rec["embedded"]["dense + rerank"]
+    rec["seconds"] = time.perf_counter() - t0
+    return rec
+
+
+def run_queries(milvus: ServerProcess, embedded: ServerProcess, queries: dict[str, str], check_every: int,
+                journal: Path, progress: bool) -> dict[str, dict[str, Any]]:
+    """Every query's record, appended to `journal` (JSON lines of ids and figures) as it is made; queries
+    already in the journal are not run again, so an interrupted run resumes where it stopped."""
+    done: dict[str, dict[str, Any]] = {}
+    if journal.is_file():
+        for line in journal.read_text().splitlines():
+            rec = json.loads(line)
+            done[rec["qid"]] = rec
+    stubs = {"milvus": milvus.stub(), "embedded": embedded.stub()}
+    todo = [q for q in queries if q not in done]
+    if done:
+        print(f"    resuming: {len(queries) - len(todo)} queries already in {journal}", flush=True)
+    t0 = time.perf_counter()
+    with open(journal, "a") as out:
+        for qid in todo:
+            n = list(queries).index(qid)
+            rec = {"qid": qid, **query_record(stubs, queries[qid], bool(check_every) and n % check_every == 0)}
+            out.write(json.dumps(rec) + "\n")
+            out.flush()
+            done[qid] = rec
+            if progress and len(done) % 25 == 0:
+                print(f"    {len(done)}/{len(queries)} queries, {time.perf_counter() - t0:.0f} s", flush=True)
+    return {q: done[q] for q in queries}
+
+
+def journal_path(args: argparse.Namespace, corpus: Path) -> Path:
+    """Where this run's per-query records go: keyed by both models, the corpus and the options that matter."""
+    from twostage.model.manifest import read_manifest, sha256_file
+
+    parts = [json.dumps(read_manifest(Path(args.models) / role)["files"], sort_keys=True)
+             for role in ("bi-encoder", "cross-encoder")]
+    parts += [sha256_file(corpus), str(DEPTH), str(args.check_every)]
+    key = hashlib.sha256("\n".join(parts).encode()).hexdigest()[:16]
+    path = Path(args.cache) / "milvus-parity" / f"{corpus.parent.name}-{key}.jsonl"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if args.fresh and path.exists():
+        path.unlink()
+    return path
 
 
 def compare(a: dict[str, list[str]], b: dict[str, list[str]], queries: list[str], k: int) -> dict[str, float]:
@@ -200,6 +232,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--check-every", type=int, default=None,
                    help="every Nth query also gets the embedded server's own reranked Search, which must equal the "
                         "order computed from the scores (default 15; quick 1; 0 = never)")
+    p.add_argument("--fresh", action="store_true",
+                   help="ignore the per-query records of an earlier, interrupted run (by default it is resumed)")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="print progress")
     args = finish_common_args(p.parse_args(argv))
     args.max_queries = args.max_queries if args.max_queries is not None else (10 if args.quick else 0)
@@ -231,12 +265,17 @@ def main(argv: list[str] | None = None) -> int:
                                       milvus_collection=COLLECTION, milvus_timeout_s=120.0, **server_threads(threads))
         with milvus_server, ServerProcess(args.models, work / "index", **server_threads(threads)) as embedded_server:
             print("  querying both backends", flush=True)
-            queried = run_queries(milvus_server, embedded_server, {q: ds.queries[q] for q in queries},
-                                  args.check_every, args.progress)
+            records = run_queries(milvus_server, embedded_server, {q: ds.queries[q] for q in queries},
+                                  args.check_every, journal_path(args, corpus), args.progress)
     finally:
         shutil.rmtree(work, ignore_errors=True)
-    runs = queried.pop("runs")
-    facts["queries_run"] = queried
+    runs = {b: {m: {q: r[b][m] for q, r in records.items()} for m in MODES} for b in BACKENDS}
+    checked = [r for r in records.values() if r["checked"]]
+    facts["queries_run"] = {
+        "query_s": sum(r["seconds"] for r in records.values()),
+        "stage1_differs_from_skip_rerank": sum(r["stage1_differs_from_skip_rerank"] for r in records.values()),
+        "rerank_pairs_scored_by_rerank_rpc": sum(r["rerank_pairs_scored_by_rerank_rpc"] for r in records.values()),
+        "checked_queries": len(checked), "checked_queries_differing": sum(r["checked_differs"] for r in checked)}
     qids = list(queries)
     quality = {b: {m: evaluate(runs[b][m], ds.qrels, qids, 10, DEPTH) for m in MODES} for b in BACKENDS}
     difference = {m: {"ndcg@10": abs(quality["embedded"][m]["ndcg@10"] - quality["milvus"][m]["ndcg@10"]),
