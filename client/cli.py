@@ -167,7 +167,13 @@ def main(argv: list[str] | None = None) -> int:
             raise
         print(f"twostage {args.command}: error: {exc}", file=sys.stderr)
         if from_client and getattr(getattr(exc, "code", None), "name", "") == "UNAVAILABLE":
-            print(f"hint: is a server running at {getattr(args, 'target', '?')}?", file=sys.stderr)
+            target = getattr(args, "target", "?")
+            if "unhealthy" in str(exc):     # reachable, but its health service does not say SERVING
+                print(f"hint: the server at {target} is up but its health check does not say SERVING (still "
+                      "loading, or its backend is unreachable); with --no-health-check the call reaches it and "
+                      "gets its reason", file=sys.stderr)
+            else:
+                print(f"hint: is a server running at {target}?", file=sys.stderr)
         return EXIT_FAILURE
     return int(code or 0)
 

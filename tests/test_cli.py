@@ -297,6 +297,7 @@ def test_a_server_not_serving_gets_no_call_unless_health_checks_are_off(fake, ca
     fake.health.set("twostage.v1.TwoStage", health_pb2.HealthCheckResponse.NOT_SERVING)  # e.g. still loading
     code, _, err = run_cli(["info", "--target", fake.target, "--max-attempts", "1", "--timeout", "5"], capsys)
     assert code == 1 and "UNAVAILABLE" in err and fake.service.requests == []
+    assert "is up but its health check does not say SERVING" in err and "is a server running" not in err
     code, out, _ = run_cli(["info", "--target", fake.target, "--no-health-check", "--json"], capsys)
     assert code == 0 and json.loads(out)["server_version"] == "1.2.3"
 
