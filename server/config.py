@@ -96,7 +96,7 @@ class Config:
     default_candidates: int = knob(20, "Search candidates (stage-1 hits reranked) when 0")
     default_chunk_overlap_tokens: int = knob(32, "Rerank chunk_overlap_tokens when 0 (long-document mode)")
     default_latency_budget_ms: int = knob(0, "whole-request latency budget of Search and Rerank when a request gives none, in ms (0 = none; the gRPC deadline always applies)")
-    latency_reserve_ms: float = knob(2.0, "kept back from every request's deadline (budget or gRPC deadline) for building, serializing and sending the response")
+    latency_reserve_ms: float = knob(5.0, "kept back from every request's deadline (budget or gRPC deadline) for building, serializing and sending the response")
     filter_overfetch: int = knob(4, "with a metadata filter, fetch this many times more candidates per round")
     # -- retrieval and fusion (docs/benchmarks.md#hybrid-retrieval has the measurements behind the defaults)
     retrieval_mode: str = knob("hybrid", "Search stage 1 when a request leaves it unspecified", choices=("dense", "lexical", "hybrid"))

@@ -387,7 +387,9 @@ def test_sigterm_finishes_in_flight_requests_and_refuses_new_ones(tiny_models, t
         with grpc.insecure_channel(srv.target) as fresh:
             with pytest.raises(grpc.RpcError) as err:
                 pb_grpc.TwoStageStub(fresh).Info(pb.InfoRequest(), timeout=5)
-            assert err.value.code() == grpc.StatusCode.UNAVAILABLE
+            # not served: UNAVAILABLE while the server still drains; once the in-flight calls are done gRPC's own
+            # stop may already be closing the connection, and a call caught in it ends CANCELLED
+            assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.CANCELLED), err.value
         assert srv.proc.wait(GRACE_S + 30) == 0
         srv._reader.join(10)
     assert "stopped" in srv.stderr
