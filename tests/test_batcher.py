@@ -13,6 +13,7 @@ import time
 import numpy as np
 import pytest
 
+from loop_lag import LATE_S, LoopLag
 from twostage.server.batcher import Batcher, InferencePool, Priority
 from twostage.server.cost import CostModel
 from twostage.server.errors import DeadlineExceeded, ResourceExhausted, Unavailable
@@ -459,8 +460,6 @@ def test_work_arriving_while_every_worker_is_busy_joins_the_next_batch():
 # ---------------------------------------------------------------------------------------------------------
 # Latency budgets, the cost model, priorities and fail-fast prediction, on a fake model of known cost.
 
-LATE_S = 0.005   # "within a few ms": a budgeted submit returns at most this long after its deadline
-
 
 class SleepingModel:
     """run_batch of a model of known cost: sleeps fixed_s + per_token_s x padded tokens (either may be changed
@@ -527,32 +526,6 @@ async def warm_up(batcher: Batcher, batches: int = 40, base: int = 900_000) -> N
     rng = random.Random(base)
     for b in range(batches):
         await batcher.submit([item(base + 100 * b + i, rng.randint(8, 64)) for i in range(rng.randint(1, 4))])
-
-
-class LoopLag:
-    """Measures how late the event loop itself runs a timer (a loaded machine deschedules the process), so that
-    "returned within a few ms of the deadline" is asserted of the batcher, not of the operating system."""
-
-    def __init__(self):
-        self.worst = 0.0
-        self._task: asyncio.Task | None = None
-
-    async def _probe(self):
-        while True:
-            asked = time.monotonic()
-            await asyncio.sleep(0.001)
-            self.worst = max(self.worst, time.monotonic() - asked - 0.001)
-
-    def __enter__(self):
-        self._task = asyncio.get_running_loop().create_task(self._probe())
-        return self
-
-    def __exit__(self, *exc):
-        self._task.cancel()
-
-    @property
-    def allowed(self) -> float:
-        return LATE_S + self.worst
 
 
 def candidates(base: int, count: int, seed: int) -> list[Encoded]:

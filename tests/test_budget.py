@@ -19,6 +19,7 @@ import grpc
 import numpy as np
 import pytest
 
+from loop_lag import LoopLag
 from server_harness import ServerThread, make_config
 from twostage.model.embedder import Embedder
 from twostage.model.model_set import open_model_set
@@ -37,7 +38,6 @@ from twostage.server.roles import (Admission, BatchLimits, EmbeddingRole, Rerank
 from twostage.server.service import PREDICTED_WAIT_KEY
 from twostage.v1 import twostage_pb2 as pb
 
-LATE_S = 0.005          # "within a few ms" of the budget, beyond what the event loop itself was late
 WORDS = ("river stone bread coffee moon star chess road bike rain sea music paper glass window door train city bird "
          "tree song house light night cold water tea milk salt seed soil leaf flower").split()   # one token each
 
@@ -100,32 +100,6 @@ def slow_engine(models, cfg: Config, *, rerank_per_token_s: float = 0.00005) -> 
     rerank = RerankRole(Slowed(reranker, 0.001, rerank_per_token_s), pool, BatchLimits.from_config(cfg, "rerank"))
     index = DocumentIndex.open(Path(cfg.index), embedder.dimension, IndexSettings.from_config(cfg))
     return Engine(cfg, embedding, rerank, index, pool)
-
-
-class LoopLag:
-    """How late the event loop itself runs a 1 ms timer (a loaded machine deschedules the process), so that
-    "returned within a few ms of the budget" is asserted of the server, not of the operating system."""
-
-    def __init__(self):
-        self.worst = 0.0
-        self._task: asyncio.Task | None = None
-
-    async def _probe(self):
-        while True:
-            asked = time.monotonic()
-            await asyncio.sleep(0.001)
-            self.worst = max(self.worst, time.monotonic() - asked - 0.001)
-
-    def __enter__(self):
-        self._task = asyncio.get_running_loop().create_task(self._probe())
-        return self
-
-    def __exit__(self, *exc):
-        self._task.cancel()
-
-    @property
-    def allowed(self) -> float:
-        return LATE_S + self.worst
 
 
 def overrun_outside_reranking(out: SearchOutcome | RerankOutcome, budget_ms: int) -> float:
