@@ -34,7 +34,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import shutil
 import sys
 import tempfile
@@ -45,8 +44,8 @@ from pathlib import Path
 from typing import Any
 
 from bench.common import (Dataset, ServerProcess, base_parser, document_text, finish_common_args, format_table,
-                          load_dataset, metric_delta, parse_metrics, resolve_threads, save_result, server_threads,
-                          summarize)
+                          knob_setting, load_dataset, metric_delta, parse_metrics, resolve_threads, save_result,
+                          server_threads, summarize)
 from twostage.client.ir_metrics import ndcg_at_k
 from bench.prepare import corpus_index
 
@@ -438,18 +437,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
                                                                          "quick 2)")
     p.add_argument("--sections", default=",".join(SECTIONS), help="comma-separated sections to run")
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=True, help="print progress")
-    p.add_argument("--set", dest="knob_settings", action="append", default=[], metavar="KNOB=VALUE",
+    p.add_argument("--set", dest="knobs", type=knob_setting, action="append", default=[], metavar="KNOB=VALUE",
                    help="a server config knob (server/config.py) for every server the run starts; repeatable")
     args = finish_common_args(p.parse_args(argv))
-    args.knobs = {}
-    for setting in args.knob_settings:
-        key, sep, raw = setting.partition("=")
-        if not sep:
-            p.error(f"--set: {setting!r} is not KNOB=VALUE")
-        try:
-            args.knobs[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            args.knobs[key] = raw                     # a string knob, written bare
+    args.knobs = dict(args.knobs)
 
     def pick(value: Any, full: Any, quick: Any) -> Any:
         return value if value is not None else (quick if args.quick else full)

@@ -67,6 +67,18 @@ def base_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+def knob_setting(text: str) -> tuple[str, Any]:
+    """A `--set KNOB=VALUE` argument (a server config knob): VALUE read as JSON (numbers, true/false), else kept as
+    a bare string. Use with `action="append"`, then `dict(...)` of the list."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"{text!r} is not KNOB=VALUE")
+    try:
+        return key, json.loads(raw)
+    except json.JSONDecodeError:
+        return key, raw
+
+
 def finish_common_args(args: argparse.Namespace) -> argparse.Namespace:
     """Defaults that depend on other options (call after parse_args)."""
     if args.out is None:

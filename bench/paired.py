@@ -23,7 +23,6 @@ trec-dl-2019-subset (100 per request by default) for one of its queries.
 from __future__ import annotations
 
 import argparse
-import json
 import shutil
 import statistics
 import sys
@@ -38,6 +37,7 @@ from bench.common import (
     base_parser,
     document_text,
     finish_common_args,
+    knob_setting,
     load_dataset,
     resolve_threads,
     save_result,
@@ -99,18 +99,10 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     p.add_argument("--rounds", type=int, default=None, help="latency passes over the requests (default 3; quick 1)")
     p.add_argument("--throughput-rounds", type=int, default=None,
                    help="throughput blocks per server (default 4; quick 1)")
-    p.add_argument("--set", dest="knob_settings", action="append", default=[], metavar="KNOB=VALUE",
+    p.add_argument("--set", dest="knobs", type=knob_setting, action="append", default=[], metavar="KNOB=VALUE",
                    help="a server config knob for this tree's server only (e.g. one the baseline lacks); repeatable")
     args = finish_common_args(p.parse_args(argv))
-    args.knobs = {}
-    for setting in args.knob_settings:
-        key, sep, raw = setting.partition("=")
-        if not sep:
-            p.error(f"--set: {setting!r} is not KNOB=VALUE")
-        try:
-            args.knobs[key] = json.loads(raw)
-        except json.JSONDecodeError:
-            args.knobs[key] = raw                     # a string knob, written bare
+    args.knobs = dict(args.knobs)
     quick = args.quick
     args.requests = args.requests or (2 if quick else 12)
     args.docs = args.docs or (8 if quick else 100)
